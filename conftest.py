@@ -1,0 +1,36 @@
+"""Root conftest: registers the tiers of harness/markers.py and enforces their requirements."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from harness.markers import TIERS, TIERS_BY_NAME, required_tiers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier.name}: {tier.description} (runs in: {tier.provided_by})")
+    # An env that exists to run a tier (tox sets DSV4_REQUIRE) must not pass by skipping it.
+    for name in sorted(required_tiers()):
+        why = _missing(name)
+        if why is not None:
+            raise pytest.UsageError(f"DSV4_REQUIRE names tier '{name}' but {why}")
+
+
+@functools.cache
+def _missing(tier_name: str) -> str | None:
+    return TIERS_BY_NAME[tier_name].missing()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers():
+            tier = TIERS_BY_NAME.get(mark.name)
+            why = _missing(tier.name) if tier else None
+            if why is not None:
+                item.add_marker(
+                    pytest.mark.skip(reason=f"[{tier.name}] {why}; run it with `{tier.provided_by}`")
+                )
+                break

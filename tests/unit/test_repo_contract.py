@@ -1,0 +1,87 @@
+"""The promises the README makes, checked: CI runs its test command, its tier table is the real one,
+the dsv4 command answers --help and --version, and the unit tier imports no heavy package."""
+
+import configparser
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.markers import TIERS
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_code_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines()]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_commands = [line for line in readme_code_lines() if line.endswith("python3 -m tox")]
+    assert len(test_commands) == 1, "the README names one test command"
+    ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    assert test_commands[0] in ci_lines
+    assert "set -euo pipefail" in ci_lines  # a failing step fails CI
+
+
+def test_readme_tier_table_is_the_marker_table():
+    section = README.split("## Test tiers", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| marker |", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert listed == [tier.name for tier in TIERS]
+
+
+def test_default_tox_run_covers_every_env_and_tiers_fail_on_missing_requirements():
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini")
+    envs = [e.strip() for e in tox["tox"]["env_list"].split(",")]
+    assert envs == ["lint", "unit", "quant", "vllm"]
+    assert "-m unit" in tox["testenv:unit"]["commands"]
+    assert "DSV4_REQUIRE = quant" in tox["testenv:quant"]["set_env"]
+    assert "DSV4_REQUIRE = vllm" in tox["testenv:vllm"]["set_env"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_dsv4_help_and_version():
+    helped = _run("--help")
+    assert helped.returncode == 0 and "demo" in helped.stdout
+    version = _run("--version")
+    assert version.returncode == 0 and re.match(r"dsv4-nvfp4 \S+", version.stdout)
+
+
+def test_unit_tier_modules_import_no_heavy_package():
+    code = (
+        "import sys, pipeline.formats, pipeline.cli, pipeline.demo, harness.markers;"
+        "print([m for m in ('transformers', 'modelopt', 'vllm') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_demo_runs_and_reports_the_exact_steps_exact():
+    done = _run("demo", "--rows", "256", "--cols", "512", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {row["step"]: row for row in json.loads(done.stdout)}
+    assert rows["MXFP4 -> BF16 (dsv4 dequant)"]["exact"] is True
+    assert rows["MXFP4 -> FP8 block, UE8M0 tiles (re-encode)"]["exact"] is True
+    assert rows["MXFP4 -> BF16 -> NVFP4 (experts recipe)"]["exact"] is False
+    assert 0 < rows["BF16 -> NVFP4 (ModelOpt 0.47 rule)"]["rel_error"] < 0.2
+
+
+def test_demo_rejects_bad_shape_with_one_line():
+    done = _run("demo", "--cols", "100")
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        == "dsv4: error: --cols must be a positive multiple of 32 (the MXFP4 block); got 100"
+    )
