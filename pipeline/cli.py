@@ -13,7 +13,11 @@ from pipeline import __version__
 from pipeline.errors import DsV4Error
 
 # Subcommand modules, in the order `dsv4 --help` lists them. Adding a step means adding its module here.
-SUBCOMMANDS: tuple[str, ...] = ("pipeline.demo",)
+SUBCOMMANDS: tuple[str, ...] = (
+    "pipeline.demo",
+    "pipeline.validate_cmd",
+    "pipeline.inspect_cmd",
+)
 
 DESCRIPTION = """\
 DeepSeek V4 Pro -> NVFP4 -> vLLM, one verified step at a time.
