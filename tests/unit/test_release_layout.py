@@ -1,0 +1,67 @@
+"""The release layout derived from config.json reproduces the real V4 Pro tensor table exactly."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.release_layout import FP8, MXFP4, layer_kind, release_tensors, release_weights
+
+pytestmark = pytest.mark.unit
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "deepseek-v4-pro"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not (REFERENCE / "weights.tsv.gz").exists():
+        pytest.skip(f"{REFERENCE} is absent: the V4 Pro reference table sits in ../shared next to the repo")
+    config = json.loads((REFERENCE / "config.json").read_text())
+    with gzip.open(REFERENCE / "weights.tsv.gz", "rt") as fh:
+        rows = [line.rstrip("\n").split("\t") for line in fh][1:]
+    table = {
+        key: (dtype, tuple(int(d) for d in shape.split("x")) if shape else ())
+        for key, dtype, shape, _ in rows
+    }
+    return config, table
+
+
+def test_spec_reproduces_every_v4_pro_tensor(reference):
+    config, table = reference
+    ours = {t.key: (t.dtype, t.shape) for t in release_tensors(config)}
+    assert len(ours) == len(table) == 145_116
+    missing, extra = table.keys() - ours.keys(), ours.keys() - table.keys()
+    assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])
+    wrong = {k: (ours[k], table[k]) for k in table if ours[k] != table[k]}
+    assert not wrong, list(wrong.items())[:5]
+
+
+def test_v4_pro_element_count_matches_the_published_total(reference):
+    config, _ = reference
+    # elements of the stored tensors, as the hub counts them (packed int8 counts one per byte)
+    total = 0
+    for t in release_tensors(config):
+        n = 1
+        for d in t.shape:
+            n *= d
+        total += n
+    assert total == 861_608_274_846
+
+
+def test_layer_kinds_of_v4_pro(reference):
+    config, _ = reference
+    kinds = [layer_kind(config, i) for i in range(config["num_hidden_layers"] + 1)]
+    assert kinds[:4] == ["hca", "hca", "csa", "hca"]
+    assert kinds[-1] == "sliding"  # the MTP block
+    assert kinds.count("csa") == 30
+
+
+def test_formats_per_weight(reference):
+    config, _ = reference
+    fmts = {w.name: w.fmt for w in release_weights(config)}
+    assert fmts["layers.0.ffn.experts.0.w1"] == MXFP4
+    assert fmts["layers.0.attn.wo_a"] == FP8
+    assert fmts["layers.2.attn.indexer.wq_b"] == FP8
+    assert fmts["mtp.0.e_proj"] == FP8
+    assert fmts["layers.2.attn.indexer.weights_proj.weight"] not in (FP8, MXFP4)
