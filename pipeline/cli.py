@@ -17,6 +17,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.demo",
     "pipeline.validate_cmd",
     "pipeline.inspect_cmd",
+    "pipeline.dequant_cmd",
 )
 
 DESCRIPTION = """\

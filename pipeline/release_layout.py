@@ -20,6 +20,26 @@ MXFP4 = "mxfp4"  # I8 .weight [out, in/2] + F8_E8M0 .scale [out, in/32]
 PLAIN = "plain"  # stored as is (BF16, F32, I64)
 
 
+# How each quantized format is stored: (weight dtype, scale dtype). The scale of `X.weight` is `X.scale`.
+STORED_DTYPES: dict[str, tuple[str, str]] = {FP8: ("F8_E4M3", "F8_E8M0"), MXFP4: ("I8", "F8_E8M0")}
+WEIGHT_SUFFIX, SCALE_SUFFIX = ".weight", ".scale"
+
+
+def scale_key(weight_key: str) -> str:
+    """The release's scale sibling of a quantized weight: `X.weight` -> `X.scale`."""
+    if not weight_key.endswith(WEIGHT_SUFFIX):
+        raise ValueError(f"{weight_key}: a quantized weight's key ends in {WEIGHT_SUFFIX}")
+    return weight_key[: -len(WEIGHT_SUFFIX)] + SCALE_SUFFIX
+
+
+def stored_format(weight_dtype: str, scale_dtype: str | None) -> str:
+    """FP8, MXFP4 or PLAIN from a weight's stored dtype and its `.scale` sibling's (None if it has none)."""
+    for fmt, dtypes in STORED_DTYPES.items():
+        if (weight_dtype, scale_dtype) == dtypes:
+            return fmt
+    return PLAIN
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     key: str
@@ -37,18 +57,18 @@ class WeightSpec:
     dtype: str = "BF16"  # for PLAIN: the stored dtype
 
     def tensors(self) -> list[TensorSpec]:
+        weight = f"{self.name}{WEIGHT_SUFFIX}"
         if self.fmt == FP8:
             rows, cols = self.shape
             grid = (math.ceil(rows / FP8_BLOCK[0]), math.ceil(cols / FP8_BLOCK[1]))
-            return [
-                TensorSpec(f"{self.name}.weight", "F8_E4M3", self.shape),
-                TensorSpec(f"{self.name}.scale", "F8_E8M0", grid),
-            ]
+            w_dtype, s_dtype = STORED_DTYPES[FP8]
+            return [TensorSpec(weight, w_dtype, self.shape), TensorSpec(scale_key(weight), s_dtype, grid)]
         if self.fmt == MXFP4:
             rows, cols = self.shape
+            w_dtype, s_dtype = STORED_DTYPES[MXFP4]
             return [
-                TensorSpec(f"{self.name}.weight", "I8", (rows, cols // 2)),
-                TensorSpec(f"{self.name}.scale", "F8_E8M0", (rows, cols // MXFP4_BLOCK)),
+                TensorSpec(weight, w_dtype, (rows, cols // 2)),
+                TensorSpec(scale_key(weight), s_dtype, (rows, cols // MXFP4_BLOCK)),
             ]
         return [TensorSpec(self.name, self.dtype, self.shape)]
 

@@ -1,0 +1,280 @@
+"""Release layout (FP8 + UE8M0 tiles, MXFP4 experts) -> BF16 under the release's own key names.
+
+Output naming: the release's native names (`layers.N.attn.wq_a.weight`, `...experts.E.w1.weight`),
+each quantized `.weight` replaced by its BF16 value and its `.scale` dropped; every other tensor copied
+byte for byte. transformers 5.23 converts these names itself when it loads the directory as
+`DeepseekV4ForCausalLM`, and keeping them means every later step reads one dialect (N) from the release
+and its BF16 copy alike.
+
+The work is planned from headers alone (so sizes, disk needs and the index are known first), then
+streamed tensor by tensor through pipeline.checkpoint's crash-safe writer: a killed run resumes and the
+result is byte-identical. Conversions run on the GPU when there is one, in a small pool of threads that
+keeps the next tensors converting while the current one is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    JOURNAL_NAME,
+    Checkpoint,
+    Layout,
+    OutputPlan,
+    PlannedTensor,
+    ShardPlan,
+    TensorInfo,
+    ensure_valid,
+    plan_shards,
+    read_tensor,
+    write_checkpoint,
+)
+from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
+from pipeline.progress import Progress
+from pipeline.release_layout import FP8, MXFP4, PLAIN, SCALE_SUFFIX, WEIGHT_SUFFIX, scale_key, stored_format
+
+STEP = "dsv4 dequant"
+OUT_DTYPE = "BF16"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an output tensor comes from: a stored weight, and its scale when it is quantized."""
+
+    fmt: str  # FP8, MXFP4 or PLAIN (copied)
+    weight: TensorInfo
+    scale: TensorInfo | None = None
+
+    @property
+    def read_bytes(self) -> int:
+        return self.weight.nbytes + (self.scale.nbytes if self.scale else 0)
+
+
+@dataclass
+class DequantPlan:
+    source: Path
+    output: OutputPlan
+    sources: dict[str, Source]
+    config: dict | None
+    extra_files: list[Path] = field(default_factory=list)
+
+    def counts(self) -> Counter:
+        return Counter(s.fmt for s in self.sources.values())
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.read_bytes for s in self.sources.values())
+
+
+def _output_tensor(src: Source) -> PlannedTensor:
+    if src.fmt == FP8:
+        return PlannedTensor(src.weight.key, OUT_DTYPE, src.weight.shape)
+    if src.fmt == MXFP4:
+        rows, packed = src.weight.shape
+        return PlannedTensor(src.weight.key, OUT_DTYPE, (rows, 2 * packed))
+    return PlannedTensor(src.weight.key, src.weight.dtype, src.weight.shape)
+
+
+def plan_dequant(ckpt: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> DequantPlan:
+    """Every output tensor, in input shard and file order (so each input shard is read front to back)."""
+    tensors = ckpt.tensors
+    sources: dict[str, Source] = {}
+    consumed: set[str] = set()
+    for shard in ckpt.shards.values():
+        for info in sorted(shard.tensors.values(), key=lambda i: i.begin):
+            key = info.key
+            if key.endswith(WEIGHT_SUFFIX):
+                scale = tensors.get(scale_key(key))
+                fmt = stored_format(info.dtype, scale.dtype if scale else None)
+                if fmt != PLAIN:
+                    sources[key] = Source(fmt, info, scale)
+                    consumed.add(scale.key)
+                    continue
+            sources[key] = Source(PLAIN, info)
+    for key in consumed:
+        sources.pop(key, None)  # a scale that sorted before its weight
+    planned = [_output_tensor(src) for src in sources.values()]
+    output = plan_shards(planned, max_shard_bytes=max_shard_bytes)
+    extras = [
+        p
+        for p in sorted(ckpt.root.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(".safetensors")
+        and p.name not in (INDEX_NAME, CONFIG_NAME, JOURNAL_NAME)
+    ]
+    return DequantPlan(ckpt.root, output, sources, ckpt.config, extras)
+
+
+def bf16_config(config: dict) -> dict:
+    """The release config for its BF16 copy: no quantization_config, dtype bfloat16."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    out["torch_dtype"] = "bfloat16"
+    return out
+
+
+def convert(src: Source, device: torch.device) -> torch.Tensor:
+    """The output tensor for one source: dequantized to BF16, or the stored tensor unchanged."""
+    weight = read_tensor(src.weight)
+    if src.fmt == PLAIN:
+        return weight
+    scale = read_tensor(src.scale)
+    weight, scale = weight.to(device, non_blocking=True), scale.to(device, non_blocking=True)
+    if src.fmt == FP8:
+        out = fp8_block_dequantize(weight, scale, dtype=torch.bfloat16)
+    else:
+        out = mxfp4_dequantize(weight, scale, torch.bfloat16)
+    return out.cpu()
+
+
+def make_producer(plan: DequantPlan, device: torch.device, workers: int, progress: Progress | None):
+    """A writer producer that keeps ``workers`` tensors converting ahead of the one being written."""
+
+    def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dequant") as pool:
+            pending: deque = deque()
+            queue = iter(shard.tensors)
+            for planned in queue:
+                pending.append((planned, pool.submit(convert, plan.sources[planned.key], device)))
+                if len(pending) > workers:
+                    yield _finish(pending.popleft(), plan, progress)
+            while pending:
+                yield _finish(pending.popleft(), plan, progress)
+
+    return produce
+
+
+def _finish(item, plan: DequantPlan, progress: Progress | None) -> tuple[str, torch.Tensor]:
+    planned, future = item
+    tensor = future.result()
+    if progress is not None:
+        progress.advance(plan.sources[planned.key].read_bytes, planned.key)
+    return planned.key, tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from pipeline.errors import DsV4Error
+
+        raise DsV4Error(f"--device {name}: torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class DequantResult:
+    out_dir: Path
+    counts: Counter
+    read_bytes: int
+    written_bytes: int
+    seconds: float
+    shards_written: int
+    shards_kept: int
+
+    def summary(self) -> str:
+        rate = self.read_bytes / self.seconds / 1e9 if self.seconds else 0.0
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
+        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
+        return (
+            f"dequant: {self.out_dir}: {sum(self.counts.values())} tensors ({kinds}); read "
+            f"{self.read_bytes / 1e9:.2f} GB, wrote {self.written_bytes / 1e9:.2f} GB in "
+            f"{self.shards_written + self.shards_kept} shard(s){kept}; {self.seconds:.1f} s, {rate:.2f} GB/s read"
+        )
+
+
+def dequantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    workers: int = 2,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    full_scales: bool = False,
+    progress: bool = True,
+) -> DequantResult:
+    """Validate ``src`` (it must be the release layout), plan, and write the BF16 checkpoint to ``dst``."""
+    start = time.perf_counter()
+    ckpt = ensure_valid(src, expect=Layout.RELEASE, step=STEP, full_scales=full_scales)
+    plan = plan_dequant(ckpt, max_shard_bytes)
+    dev = resolve_device(device)
+    meter = Progress("dequant", plan.read_bytes, enabled=progress)
+    with tempfile.TemporaryDirectory(prefix="dsv4-dequant-") as tmp:
+        extras = list(plan.extra_files)
+        if plan.config is not None:
+            config_path = Path(tmp) / CONFIG_NAME
+            config_path.write_text(json.dumps(bf16_config(plan.config), indent=2) + "\n")
+            extras.append(config_path)
+        result = write_checkpoint(
+            plan.output,
+            dst,
+            make_producer(plan, dev, max(1, workers), meter),
+            inputs=[plan.source],
+            extra_files=extras,
+            resume=resume,
+            overwrite=overwrite,
+            progress=meter.message if progress else None,
+        )
+    meter.close()
+    return DequantResult(
+        result.out_dir,
+        plan.counts(),
+        plan.read_bytes,
+        plan.output.total_bytes,
+        time.perf_counter() - start,
+        len(result.written),
+        len(result.skipped),
+    )
+
+
+def dry_run_table(plan: DequantPlan, dst: str | Path) -> str:
+    """What a run would do, from headers alone: tensors by format, bytes, shards, free disk."""
+    lines = [f"dequant plan: {plan.source} -> {dst}"]
+    by_fmt: dict[str, list[Source]] = {}
+    for s in plan.sources.values():
+        by_fmt.setdefault(s.fmt, []).append(s)
+    names = {FP8: "FP8 block -> BF16", MXFP4: "MXFP4 -> BF16", PLAIN: "copied unchanged"}
+    for fmt in (FP8, MXFP4, PLAIN):
+        group = by_fmt.get(fmt, [])
+        if group:
+            read = sum(s.read_bytes for s in group) / 1e9
+            lines.append(f"  {names[fmt]:<18} {len(group):>8} tensors  {read:10.2f} GB read")
+    out = Path(dst).resolve()
+    probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    lines.append(
+        f"  output: {len(plan.output.shards)} shard(s), {plan.output.total_bytes / 1e9:.2f} GB; "
+        f"{free / 1e9:.2f} GB free at {probe}"
+    )
+    if plan.extra_files or plan.config is not None:
+        names_copied = [CONFIG_NAME + " (rewritten: no quantization_config)"] * (plan.config is not None)
+        names_copied += [p.name for p in plan.extra_files]
+        lines.append(f"  also: {', '.join(names_copied)}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "SCALE_SUFFIX",
+    "DequantPlan",
+    "DequantResult",
+    "Source",
+    "bf16_config",
+    "dequantize_checkpoint",
+    "dry_run_table",
+    "plan_dequant",
+]

@@ -1,0 +1,80 @@
+"""`dsv4 dequant SRC DST`: the release checkpoint to BF16 (see pipeline/dequant.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.checkpoint import Layout, ensure_valid
+from pipeline.dequant import DEFAULT_SHARD_BYTES, STEP, dequantize_checkpoint, dry_run_table, plan_dequant
+
+HELP = """\
+Dequantize the DeepSeek V4 release (FP8 attention with UE8M0 tile scales, MXFP4 routed experts) to BF16.
+
+The output keeps the release's key names; transformers 5.23 loads it as DeepseekV4ForCausalLM.
+SRC is validated first (headers, index, scale siblings, sampled scales, config): a bad or wrong kind of
+checkpoint stops the step before any work, naming the file and key. SRC is only ever read.
+
+DST is written shard by shard under temporary names (renamed when complete); the index comes last.
+A killed run continues with --resume and produces byte-identical output. Free disk space is checked
+against the planned output before anything is written.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dequant",
+        help="release checkpoint (FP8 + MXFP4) -> BF16, streaming and resumable",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="release checkpoint directory (with model.safetensors.index.json)")
+    p.add_argument("dst", help="output directory (new or empty; see --resume/--overwrite)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
+    )
+    mode.add_argument("--overwrite", action="store_true", help="delete a previous output in DST first")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="tensors converted ahead of the writer, in threads (default: 2)",
+    )
+    p.add_argument(
+        "--max-shard-gib",
+        type=float,
+        default=DEFAULT_SHARD_BYTES / 1024**3,
+        help="largest output shard, GiB of tensor data (default: 5)",
+    )
+    p.add_argument("--full-scales", action="store_true", help="validate every scale tensor, not a sample")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan from headers; write nothing"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines (the summary is still printed)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    max_bytes = int(args.max_shard_gib * 1024**3)
+    if args.dry_run:
+        ckpt = ensure_valid(args.src, expect=Layout.RELEASE, step=STEP, full_scales=args.full_scales)
+        print(dry_run_table(plan_dequant(ckpt, max_bytes), args.dst))
+        return 0
+    result = dequantize_checkpoint(
+        args.src,
+        args.dst,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        workers=args.workers,
+        max_shard_bytes=max_bytes,
+        full_scales=args.full_scales,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0

@@ -1,0 +1,227 @@
+"""dsv4 dequant: release layout -> BF16, checked tensor by tensor, crash-safe, validate-first.
+
+Expected values are computed here straight from the source bytes with pipeline.formats, independently
+of the step's planning, threading and writing; tests/crosscheck/test_dequant_vs_transformers.py checks
+the same output against transformers' own FP8/MXFP4 dequantization.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from harness.checkpoints import tree_digest
+from pipeline.checkpoint import JOURNAL_NAME, Checkpoint, validate_checkpoint
+from pipeline.cli import main as dsv4
+from pipeline.dequant import dequantize_checkpoint, plan_dequant
+from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
+from pipeline.release_layout import FP8, MXFP4, PLAIN, release_weights
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint.open(path)
+    return dict(ck.iter_tensors())
+
+
+def expected_bf16(src: Path) -> dict[str, torch.Tensor]:
+    raw = load_all(src)
+    out = {}
+    for key, t in raw.items():
+        if key.endswith(".scale") and key[: -len(".scale")] + ".weight" in raw:
+            continue
+        scale = raw.get(key[: -len(".weight")] + ".scale") if key.endswith(".weight") else None
+        if scale is not None and t.dtype == torch.float8_e4m3fn:
+            out[key] = fp8_block_dequantize(t, scale, dtype=torch.bfloat16)
+        elif scale is not None and t.dtype == torch.int8:
+            out[key] = mxfp4_dequantize(t, scale, torch.bfloat16)
+        else:
+            out[key] = t
+    return out
+
+
+def test_every_tensor_is_dequantized_or_copied_exactly(tiny_release, tmp_path):
+    before = tree_digest(tiny_release)
+    result = dequantize_checkpoint(tiny_release, tmp_path / "out", progress=False)
+    assert tree_digest(tiny_release) == before  # the input is only read
+    got, want = load_all(tmp_path / "out"), expected_bf16(tiny_release)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key].view(torch.uint8), want[key].view(torch.uint8)), key
+    assert result.counts[FP8] > 0 and result.counts[MXFP4] > 0 and result.counts[PLAIN] > 0
+    report = validate_checkpoint(tmp_path / "out", full_scales=True)
+    assert report.ok and report.layout == "bf16", report.problems
+
+
+def test_config_loses_its_quantization_config(tiny_release, tmp_path):
+    dequantize_checkpoint(tiny_release, tmp_path / "out", progress=False)
+    src = json.loads((tiny_release / "config.json").read_text())
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" in src and "quantization_config" not in out
+    assert out["torch_dtype"] == "bfloat16"
+    assert {k: v for k, v in out.items() if k != "torch_dtype"} == {
+        k: v for k, v in src.items() if k not in ("quantization_config", "torch_dtype")
+    }
+
+
+def test_non_tensor_files_are_carried_over(tiny_release, tmp_path):
+    (tiny_release / "tokenizer.json").write_text('{"version": "1.0"}')
+    dequantize_checkpoint(tiny_release, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+
+
+def test_output_is_deterministic_across_shard_sizes_and_workers(tiny_release, tmp_path):
+    dequantize_checkpoint(tiny_release, tmp_path / "a", progress=False, workers=1)
+    dequantize_checkpoint(tiny_release, tmp_path / "b", progress=False, workers=3)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    dequantize_checkpoint(tiny_release, tmp_path / "c", progress=False, max_shard_bytes=1 << 20)
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) > 2
+    assert load_all(tmp_path / "c").keys() == load_all(tmp_path / "a").keys()
+
+
+def test_bf16_input_is_refused_before_any_work(tiny_bf16, tmp_path, capsys):
+    """BF16 handed where the release layout is expected (the reverse of the seeds' Run 1)."""
+    assert dsv4(["dequant", str(tiny_bf16), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "dsv4 dequant needs a release FP8+MXFP4" in err and "BF16" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard_is_refused_naming_file(tiny_release, tmp_path):
+    shard = sorted(tiny_release.glob("*.safetensors"))[0]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    code = dsv4(["dequant", str(tiny_release), str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_names_file_and_key(tiny_release, tmp_path, capsys):
+    ck = Checkpoint.open(tiny_release)
+    scale_key = next(k for k in ck.tensors if k.endswith("w1.scale"))
+    shard = ck.tensors[scale_key].file
+    # corrupt one scale byte to 0xFF (UE8M0 NaN), sampled validation reads every scale of a tiny model
+    with shard.open("r+b") as f:
+        f.seek(ck.tensors[scale_key].begin)
+        f.write(b"\xff")
+    code = dsv4(["dequant", str(tiny_release), str(tmp_path / "out"), "--quiet", "--full-scales"])
+    err = capsys.readouterr().err
+    assert code == 2 and shard.name in err and scale_key in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_input_is_refused(tiny_release, capsys):
+    before = tree_digest(tiny_release)
+    code = dsv4(["dequant", str(tiny_release), str(tiny_release / "bf16"), "--quiet"])
+    assert code == 2 and "refusing to write the output inside the input" in capsys.readouterr().err
+    assert not (tiny_release / "bf16").exists()
+    assert tree_digest(tiny_release) == before
+
+
+def test_dry_run_writes_nothing(tiny_release, tmp_path, capsys):
+    assert dsv4(["dequant", str(tiny_release), str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "MXFP4 -> BF16" in out and "FP8 block -> BF16" in out
+    assert not (tmp_path / "out").exists()
+
+
+KILLER = textwrap.dedent(
+    """
+    import sys, time, pathlib
+    import pipeline.dequant as d
+    real = d.convert
+    ready = pathlib.Path(sys.argv[3])
+    def slow(src, device):
+        if src.weight.key == sys.argv[4]:
+            ready.touch()
+            time.sleep(600)
+        return real(src, device)
+    d.convert = slow
+    from pipeline.cli import main
+    sys.exit(main(["dequant", sys.argv[1], sys.argv[2], "--quiet", "--max-shard-gib", "0.001", "--workers", "1"]))
+    """
+)
+
+
+def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_release, tmp_path):
+    dequantize_checkpoint(
+        tiny_release, tmp_path / "reference", progress=False, max_shard_bytes=int(0.001 * 1024**3)
+    )
+    shards = sorted(p.name for p in (tmp_path / "reference").glob("*.safetensors"))
+    assert len(shards) >= 3
+    # block while producing a tensor of the second-to-last output shard
+    index = json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = sorted(k for k, shard in index.items() if shard == shards[-2])[0]
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLER, str(tiny_release), str(out), str(ready), victim],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, "the step ended before reaching the chosen tensor"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # nothing looks complete: no index, the victim's shard not under its final name
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not (out / shards[-2]).exists()
+    finished = json.loads((out / JOURNAL_NAME).read_text())["finished"]
+    assert shards[0] in finished and (out / shards[0]).exists()  # finished before the kill: kept
+    assert (
+        dsv4(["dequant", str(tiny_release), str(out), "--quiet", "--max-shard-gib", "0.001"]) == 2
+    )  # not empty
+    assert (
+        dsv4(["dequant", str(tiny_release), str(out), "--quiet", "--max-shard-gib", "0.001", "--resume"]) == 0
+    )
+    assert tree_digest(out) == tree_digest(tmp_path / "reference")
+
+
+def test_full_scale_plan_from_the_sparse_replica(release_replica):
+    """Plans all 145,116 real tensors from headers: formats, counts and the BF16 output size."""
+    ck = Checkpoint.open(release_replica)
+    plan = plan_dequant(ck)
+    counts = plan.counts()
+    weights = release_weights(ck.config)
+    assert counts[FP8] == sum(w.fmt == FP8 for w in weights) == 528
+    assert counts[MXFP4] == sum(w.fmt == MXFP4 for w in weights) == 71_424
+    bf16_bytes = sum(2 * math.prod(w.shape) for w in weights if w.fmt != PLAIN)
+    plain_bytes = sum(
+        i.nbytes for k, i in ck.tensors.items() if plan.sources.get(k, None) and plan.sources[k].fmt == PLAIN
+    )
+    assert plan.output.tensor_bytes == bf16_bytes + plain_bytes
+    assert 3.1e12 < plan.output.tensor_bytes < 3.3e12  # V4 Pro is ~1.6T parameters: 3.2 TB in BF16
+    assert len(plan.output.weight_map) == len(ck.tensors) - counts[FP8] - counts[MXFP4]
+
+
+def test_full_scale_disk_check_refuses_before_writing(release_replica, tmp_path, capsys, monkeypatch):
+    """The replica validates; its 3.2 TB BF16 output cannot fit on 1 TB: refused up front, nothing written."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2 * 10**12, 10**12, 10**12))
+    code = dsv4(["dequant", str(release_replica), str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and "not enough free disk space" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_safetensors_reads_the_output(tiny_release, tmp_path):
+    dequantize_checkpoint(tiny_release, tmp_path / "out", progress=False)
+    want = expected_bf16(tiny_release)
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                assert torch.equal(f.get_tensor(key).view(torch.uint8), want[key].view(torch.uint8))
