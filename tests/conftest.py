@@ -1,5 +1,6 @@
 """Checkpoint fixtures: the full-scale sparse replica of the release (built once per session) and
-small hand-built checkpoints, each with a cheap way to get a copy a test may mutate."""
+the micro tiny model (harness/tiny.py) in the release layout and in BF16, each with a cheap way to get
+a copy a test may mutate."""
 
 from __future__ import annotations
 
@@ -41,11 +42,12 @@ def _tiny_bf16_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny_release(_tiny_release_master: Path, tmp_path: Path) -> Path:
-    """A private copy of a small release-layout checkpoint (FP8 attention, MXFP4 experts, 3 shards)."""
+    """A private copy of the micro model in the release layout (FP8 attention, MXFP4 experts), sharded
+    as harness/tiny.py shards it: derive shard names, counts and shapes from its index and config.json."""
     return clone_replica(_tiny_release_master, tmp_path / "tiny-release")
 
 
 @pytest.fixture
 def tiny_bf16(_tiny_bf16_master: Path, tmp_path: Path) -> Path:
-    """A private copy of the same checkpoint in BF16 (no scales)."""
+    """A private copy of the same checkpoint through `dsv4 dequant`: BF16, native names, no scales."""
     return clone_replica(_tiny_bf16_master, tmp_path / "tiny-bf16")

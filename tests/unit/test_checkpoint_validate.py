@@ -12,15 +12,47 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harness.checkpoints import tree_digest
-from pipeline.checkpoint import INDEX_NAME, Layout, read_header, require_layout, validate_checkpoint
+from pipeline.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    Layout,
+    read_header,
+    read_index,
+    require_layout,
+    validate_checkpoint,
+)
 from pipeline.checkpoint.validate import ensure_valid
 from pipeline.errors import DsV4Error
 from pipeline.formats import mxfp4_dequantize, nvfp4_quantize
+from pipeline.release_layout import release_tensors
 
 pytestmark = pytest.mark.unit
 
-SHARD1 = "model-00001-of-00003.safetensors"  # embed + layers.0
-SHARD2 = "model-00002-of-00003.safetensors"  # layers.1
+# Keys the mutations start from (the release layout lists them for any config with >= 2 layers and >= 4
+# routed experts; `shard_of` fails loudly if one is absent). Shards, shapes, counts and messages are
+# derived from the checkpoint's own index and config.json, never hard-coded.
+LAYER0_KEY = "layers.0.attn.wq_b.weight"
+LAYER1_KEY = "layers.1.attn.attn_sink"
+
+
+def shard_of(ckpt: Path, key: str) -> Path:
+    """The shard file the index places ``key`` in."""
+    return ckpt / read_index(ckpt / INDEX_NAME)[key]
+
+
+def keys_in(ckpt: Path, shard: Path) -> list[str]:
+    """The keys the index places in ``shard``, sorted."""
+    return sorted(k for k, v in read_index(ckpt / INDEX_NAME).items() if v == shard.name)
+
+
+def config_of(ckpt: Path) -> dict:
+    return json.loads((ckpt / CONFIG_NAME).read_text())
+
+
+def layout_shape(ckpt: Path, key: str) -> list[int]:
+    """The shape the release layout (derived from config.json) gives ``key``."""
+    [spec] = [t for t in release_tensors(config_of(ckpt)) if t.key == key]
+    return list(spec.shape)
 
 
 def validated(path: Path, **kw):
@@ -59,7 +91,10 @@ def test_tiny_release_is_valid(tiny_release):
     report = validated(tiny_release, full_scales=True)
     assert report.ok, [str(p) for p in report.problems]
     assert report.layout == Layout.RELEASE.value
-    assert report.shards == 3 and report.scales_checked == report.scales_total > 0
+    shards = set(read_index(tiny_release / INDEX_NAME).values())
+    assert report.shards == len(shards) == len(list(tiny_release.glob("*.safetensors")))
+    scales = [t.key for t in release_tensors(config_of(tiny_release)) if t.key.endswith(".scale")]
+    assert report.scales_checked == report.scales_total == len(scales) > 0
     ensure_valid(tiny_release, expect=Layout.RELEASE)
 
 
@@ -93,110 +128,204 @@ def test_bf16_checkpoint_where_the_release_is_needed(tiny_bf16):
 
 
 def test_truncated_shard(tiny_release):
-    shard = tiny_release / SHARD2
+    shard = shard_of(tiny_release, LAYER1_KEY)
+    last = max(read_header(shard).tensors.values(), key=lambda i: i.end).key
     data = shard.read_bytes()
     shard.write_bytes(data[:-1000])
-    # the message names the key whose data runs past the new end of the file
-    only_problem(validated(tiny_release), shard, "layers.1.attn.attn_sink", "truncated", "ends past the end")
+    # the problem is keyed by the shard's first key; the message names the key whose data runs past
+    # the new end of the file
+    only_problem(
+        validated(tiny_release),
+        shard,
+        keys_in(tiny_release, shard)[0],
+        "truncated",
+        f"key {last} ends past the end",
+    )
 
 
 def test_corrupt_header_json(tiny_release):
-    shard = tiny_release / SHARD2
+    shard = shard_of(tiny_release, LAYER1_KEY)
+    keys = keys_in(tiny_release, shard)
     data = bytearray(shard.read_bytes())
     data[8] = ord("X")  # the header's opening brace
     shard.write_bytes(bytes(data))
     only_problem(
-        validated(tiny_release), shard, "layers.1.attn.attn_sink", "corrupt header JSON", "key(s) here"
+        validated(tiny_release),
+        shard,
+        keys[0],
+        "corrupt header JSON",
+        f"the index places {len(keys)} key(s) here",
     )
 
 
 def test_index_names_a_missing_shard(tiny_release):
-    (tiny_release / SHARD2).unlink()
+    shard = shard_of(tiny_release, LAYER1_KEY)
+    keys = keys_in(tiny_release, shard)
+    shard.unlink()
     only_problem(
-        validated(tiny_release), tiny_release / SHARD2, "layers.1.attn.attn_sink", "shard file is missing"
+        validated(tiny_release),
+        shard,
+        keys[0],
+        "shard file is missing",
+        f"the index places {len(keys)} key(s) here",
     )
 
 
 def test_key_in_index_but_absent_from_its_shard(tiny_release):
-    edit_json(tiny_release / INDEX_NAME, lambda d: d["weight_map"].update({"layers.0.attn.bogus": SHARD1}))
-    only_problem(validated(tiny_release), tiny_release / SHARD1, "layers.0.attn.bogus", "the shard lacks it")
+    shard = shard_of(tiny_release, LAYER0_KEY)
+    bogus = LAYER0_KEY.rsplit(".", 2)[0] + ".bogus"  # layers.0.attn.bogus: a plausible key, not in any shard
+    edit_json(tiny_release / INDEX_NAME, lambda d: d["weight_map"].update({bogus: shard.name}))
+    only_problem(validated(tiny_release), shard, bogus, "the shard lacks it")
 
 
 def test_key_in_two_shards(tiny_release):
-    extra = tiny_release / SHARD2
+    home = shard_of(tiny_release, "embed.weight")
+    extra = shard_of(tiny_release, LAYER1_KEY)
+    assert home != extra and home.name < extra.name  # the later shard's copy is the duplicate
     rewrite_shard(extra, lambda t: t.update({"embed.weight": torch.zeros(2, dtype=torch.bfloat16)}))
     report = validated(tiny_release)
-    only_problem(report, extra, "embed.weight", f"also in {SHARD1}")
+    only_problem(report, extra, "embed.weight", f"also in {home.name}")
 
 
 def test_missing_scale_sibling(tiny_release):
-    rewrite_shard(tiny_release / SHARD1, lambda t: t.pop("layers.0.attn.wq_b.scale"))
-    edit_json(tiny_release / INDEX_NAME, lambda d: d["weight_map"].pop("layers.0.attn.wq_b.scale"))
+    weight = LAYER0_KEY
+    scale = weight.removesuffix(".weight") + ".scale"
+    shard = shard_of(tiny_release, scale)
+    rows, cols = config_of(tiny_release)["quantization_config"]["weight_block_size"]
+    rewrite_shard(shard, lambda t: t.pop(scale))
+    edit_json(tiny_release / INDEX_NAME, lambda d: d["weight_map"].pop(scale))
     only_problem(
         validated(tiny_release),
-        tiny_release / SHARD1,
-        "layers.0.attn.wq_b.weight",
-        "has no layers.0.attn.wq_b.scale",
-        "128x128 tile",
+        shard_of(tiny_release, weight),
+        weight,
+        f"has no {scale}",
+        f"{rows}x{cols} tile",
     )
 
 
 def test_mxfp4_scale_of_the_wrong_shape(tiny_release):
     key = "layers.1.ffn.experts.2.w2.scale"
-    rewrite_shard(tiny_release / SHARD2, lambda t: t.update({key: t[key][:, :3].contiguous()}))
-    only_problem(
-        validated(tiny_release), tiny_release / SHARD2, key, "shape [256, 3], expected [256, 4]", "MXFP4"
-    )
+    shard = shard_of(tiny_release, key)
+    good = layout_shape(tiny_release, key)
+    bad = [*good[:-1], good[-1] - 1]  # one UE8M0 block scale short per row
+    rewrite_shard(shard, lambda t: t.update({key: t[key][:, :-1].contiguous()}))
+    only_problem(validated(tiny_release), shard, key, f"shape {bad}, expected {good}", "MXFP4")
 
 
 def test_fp8_scale_of_the_wrong_shape(tiny_release):
-    key = "layers.0.attn.wq_a.scale"  # [192, 256] weight -> [2, 2] tiles
-    rewrite_shard(tiny_release / SHARD1, lambda t: t.update({key: t[key][:1].contiguous()}))
-    only_problem(validated(tiny_release), tiny_release / SHARD1, key, "shape [1, 2], expected [2, 2]")
+    key = "layers.0.attn.wq_a.scale"
+    shard = shard_of(tiny_release, key)
+    good = layout_shape(tiny_release, key)  # ceil(rows / 128) x ceil(cols / 128) tiles
+    # Drop the last tile along the first axis that has more than one (the 2-layer model's wq_a had two
+    # tile rows; the micro model's has one tile row and two tile columns).
+    axis = next(i for i, n in enumerate(good) if n > 1)
+    bad = [n - (i == axis) for i, n in enumerate(good)]
+    rewrite_shard(shard, lambda t: t.update({key: t[key].narrow(axis, 0, bad[axis]).contiguous()}))
+    only_problem(validated(tiny_release), shard, key, f"shape {bad}, expected {good}")
 
 
 def test_nan_ue8m0_scale(tiny_release):
     key = "layers.1.ffn.experts.3.w1.scale"
-    info = read_header(tiny_release / SHARD2).tensors[key]
-    with (tiny_release / SHARD2).open("r+b") as f:
+    shard = shard_of(tiny_release, key)
+    info = read_header(shard).tensors[key]
+    assert info.numel > 5
+    with shard.open("r+b") as f:
         f.seek(info.begin + 5)
         f.write(b"\xff")
     only_problem(
         validated(tiny_release, full_scales=True),
-        tiny_release / SHARD2,
+        shard,
         key,
         "NaN (byte 0xFF) at flat index 5",
     )
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "fragments"),
-    [
-        ("num_hidden_layers", 3, ["is 3 but the tensors have 2 layer(s)", "missing layers.2"]),
-        ("num_hidden_layers", 1, ["unexpected layers.1"]),
-        ("n_routed_experts", 5, ["is 5 but layers.0 has 4 expert(s), missing 4"]),
-        ("num_hash_layers", 2, ["layer 1 is a hash layer and needs layers.1.ffn.gate.tid2eid"]),
-        ("num_hash_layers", 0, ["layer 0 is not a hash layer"]),
-        ("compress_ratios", [4, 128], ["has 2 entries; expected num_hidden_layers + 1 = 3"]),
-    ],
-)
+# Each case: the field, its bad value from the true config c, and the fragments the problem must have.
+# The values are the true ones moved by one, as the 2-layer model's cases were (num_hidden_layers 2 ->
+# 3 and 1, n_routed_experts 4 -> 5, num_hash_layers 1 -> 2 and 0, compress_ratios one entry short).
+_CONFIG_CASES = {
+    "one-layer-too-many": (
+        "num_hidden_layers",
+        lambda c: c["num_hidden_layers"] + 1,
+        lambda c: [
+            f"is {c['num_hidden_layers'] + 1} but the tensors have {c['num_hidden_layers']} layer(s)",
+            f"missing layers.{c['num_hidden_layers']}",
+        ],
+    ),
+    "one-layer-too-few": (
+        "num_hidden_layers",
+        lambda c: c["num_hidden_layers"] - 1,
+        lambda c: [
+            f"is {c['num_hidden_layers'] - 1} but the tensors have {c['num_hidden_layers']} layer(s)",
+            f"unexpected layers.{c['num_hidden_layers'] - 1}",
+        ],
+    ),
+    "one-expert-too-many": (
+        "n_routed_experts",
+        lambda c: c["n_routed_experts"] + 1,
+        lambda c: [
+            f"is {c['n_routed_experts'] + 1} but layers.0 has {c['n_routed_experts']} expert(s), "
+            f"missing {c['n_routed_experts']}"
+        ],
+    ),
+    "one-hash-layer-too-many": (
+        "num_hash_layers",
+        lambda c: c["num_hash_layers"] + 1,
+        lambda c: [
+            f"layer {c['num_hash_layers']} is a hash layer and needs "
+            f"layers.{c['num_hash_layers']}.ffn.gate.tid2eid"
+        ],
+    ),
+    "one-hash-layer-too-few": (
+        "num_hash_layers",
+        lambda c: c["num_hash_layers"] - 1,
+        lambda c: [f"layer {c['num_hash_layers'] - 1} is not a hash layer"],
+    ),
+    "compress-ratios-one-short": (
+        "compress_ratios",
+        lambda c: c["compress_ratios"][:-1],
+        lambda c: [
+            f"has {len(c['compress_ratios']) - 1} entries; "
+            f"expected num_hidden_layers + 1 = {c['num_hidden_layers'] + 1}"
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize(("field", "value", "fragments"), _CONFIG_CASES.values(), ids=_CONFIG_CASES)
 def test_config_mismatch(tiny_release, field, value, fragments):
-    cfg = tiny_release / "config.json"
-    edit_json(cfg, lambda d: d.update({field: value}))
-    only_problem(validated(tiny_release), cfg, field, *fragments)
+    cfg = tiny_release / CONFIG_NAME
+    true = config_of(tiny_release)
+    assert true["num_hash_layers"] < true["num_hidden_layers"]  # so both hash cases have a layer to name
+    edit_json(cfg, lambda d: d.update({field: value(true)}))
+    only_problem(validated(tiny_release), cfg, field, *fragments(true))
 
 
 def test_compress_ratio_mismatch_names_the_layer(tiny_release):
-    cfg = tiny_release / "config.json"
-    edit_json(cfg, lambda d: d.update({"compress_ratios": [128, 1, 0]}))
+    """Two entries contradict their layers' tensors: a CSA layer (ratio 4: compressor + indexer) claimed
+    as HCA, and an HCA layer (compressor only) claimed as sliding-only; each is named by its index."""
+    cfg = tiny_release / CONFIG_NAME
+    ratios = config_of(tiny_release)["compress_ratios"]
+    layers = config_of(tiny_release)["num_hidden_layers"]
+    csa = next(i for i, r in enumerate(ratios[:layers]) if r == 4)
+    hca = next(i for i, r in enumerate(ratios[:layers]) if r > 1 and r != 4)
+    bad = list(ratios)
+    bad[csa], bad[hca] = 128, 1
+    edit_json(cfg, lambda d: d.update({"compress_ratios": bad}))
     report = validated(tiny_release)
-    only_problem(report, cfg, "compress_ratios[0]", "layers.0.attn.indexer.* should be absent")
-    only_problem(report, cfg, "compress_ratios[1]", "layers.1.attn.compressor.* should be absent")
+    only_problem(
+        report, cfg, f"compress_ratios[{csa}]", f"is 128, so layers.{csa}.attn.indexer.* should be absent"
+    )
+    only_problem(
+        report, cfg, f"compress_ratios[{hca}]", f"is 1, so layers.{hca}.attn.compressor.* should be absent"
+    )
+    assert {p.key for p in report.problems} == {f"compress_ratios[{csa}]", f"compress_ratios[{hca}]"}
 
 
 def test_all_problems_are_collected_and_raised_together(tiny_release):
-    (tiny_release / SHARD2).unlink()
-    edit_json(tiny_release / "config.json", lambda d: d.update({"n_routed_experts": 8}))
+    shard_of(tiny_release, LAYER1_KEY).unlink()
+    experts = config_of(tiny_release)["n_routed_experts"]
+    edit_json(tiny_release / CONFIG_NAME, lambda d: d.update({"n_routed_experts": 2 * experts}))
     report = validated(tiny_release)
     assert len(report.problems) >= 2
     with pytest.raises(DsV4Error, match=r"invalid checkpoint, \d+ problem\(s\):\n  .*shard file is missing"):
@@ -206,7 +335,8 @@ def test_all_problems_are_collected_and_raised_together(tiny_release):
 def to_nvfp4_experts(ckpt: Path) -> Path:
     """Turn layer 1's routed experts into the NVFP4 export layout (U8 weight, e4m3 weight_scale, F32
     weight_scale_2 and input_scale), as NVIDIA's DeepSeek-V4-Pro-NVFP4 ships them."""
-    shard = ckpt / SHARD2
+    shard = shard_of(ckpt, LAYER1_KEY)
+    assert {k.split(".", 2)[1] for k in keys_in(ckpt, shard)} == {"1"}  # layer 1 has a shard of its own
 
     def edit(t):
         for key in [k for k in t if ".ffn.experts." in k and k.endswith(".weight")]:
@@ -219,8 +349,8 @@ def to_nvfp4_experts(ckpt: Path) -> Path:
     keys = read_header(shard).tensors
 
     def reindex(d):
-        d["weight_map"] = {k: v for k, v in d["weight_map"].items() if v != SHARD2} | dict.fromkeys(
-            keys, SHARD2
+        d["weight_map"] = {k: v for k, v in d["weight_map"].items() if v != shard.name} | dict.fromkeys(
+            keys, shard.name
         )
 
     edit_json(ckpt / INDEX_NAME, reindex)
@@ -267,15 +397,14 @@ def test_nvfp4_export_is_valid_and_classified(tiny_release):
 def test_nvfp4_bad_scales(tiny_release, edit, key, fragment):
     ckpt = to_nvfp4_experts(tiny_release)
     stem = "layers.1.ffn.experts.1.w3"
-    rewrite_shard(ckpt / SHARD2, lambda t: edit(t, stem))
+    shard = shard_of(ckpt, f"{stem}.weight")
+    rewrite_shard(shard, lambda t: edit(t, stem))
     edit_json(
         ckpt / INDEX_NAME,
         lambda d: d.update(
-            weight_map={**d["weight_map"], **dict.fromkeys(read_header(ckpt / SHARD2).tensors, SHARD2)}
+            weight_map={**d["weight_map"], **dict.fromkeys(read_header(shard).tensors, shard.name)}
         ),
     )
     if "weight_scale_2" in fragment:
         edit_json(ckpt / INDEX_NAME, lambda d: d["weight_map"].pop(f"{stem}.weight_scale_2"))
-    only_problem(
-        validated(ckpt, full_scales=True), ckpt / SHARD2, key.format(s=stem), fragment.format(s=stem)
-    )
+    only_problem(validated(ckpt, full_scales=True), shard, key.format(s=stem), fragment.format(s=stem))
