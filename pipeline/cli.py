@@ -18,6 +18,8 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.validate_cmd",
     "pipeline.inspect_cmd",
     "pipeline.dequant_cmd",
+    "pipeline.quantize_cmd",
+    "pipeline.fix_config_cmd",
 )
 
 DESCRIPTION = """\

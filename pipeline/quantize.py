@@ -1,0 +1,325 @@
+"""`dsv4 quantize`, in-process driver: a BF16 checkpoint through real ModelOpt to an NVFP4 export.
+
+Steps, each before the next can lose work:
+1. validate the source (it must be BF16: an FP8 source broke the seeds' Run 1) and the output path;
+   check every runtime patch target against the installed ModelOpt;
+2. load with transformers, calibrate with ``mtq.quantize`` (CPU is enough for tiny models);
+3. find enabled quantizers that never saw data and give them NVIDIA's fallback (weight amax from the
+   weight; input amax from the largest calibrated expert of the same projection), listed in the report;
+4. snapshot the calibrated state (every amax + ModelOpt's state, a few MB) to ``DST.calibration/`` so
+   that ``--export-only`` can redo a failed export without calibrating again;
+5. export with ``export_hf_checkpoint`` under the runtime patches into ``.DST.partial``, check every
+   patch was reached, write the report beside it, and rename the directory to DST.
+
+The node runs the same recipe through ModelOpt's own hf_ptq.py (pipeline/hf_ptq.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import Layout, ensure_valid
+from pipeline.errors import DsV4Error
+
+STEP = "dsv4 quantize"
+REPORT_NAME = "dsv4-quantize-report.json"
+STATE_SUFFIX = ".calibration"
+AMAX_FILE, STATE_FILE = "amax.safetensors", "modelopt_state.pt"
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+_FUSED_WEIGHT_QUANTIZER = re.compile(r"^(?P<parent>.*)\.(?P<param>\w+)_weight_quantizers\.(?P<expert>\d+)$")
+
+
+@dataclass
+class QuantizeOptions:
+    recipe: str = "experts"
+    calib_file: Path | None = None
+    calib_size: int = 16
+    calib_seq: int = 64
+    calib_batch: int = 4
+    seed: int = 0
+    device: str = "auto"
+    export_only: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Fallback:
+    quantizer: str
+    kind: str  # "weight" or "input"
+    amax: float
+    source: str  # where the value came from
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    export: str
+    recipe: str
+    calibration: dict
+    quantizers: dict
+    uncalibrated: list[Fallback] = field(default_factory=list)
+    clamped_activation_scales: list[str] = field(default_factory=list)
+    patches: list[dict] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def state_dir_for(dst: Path) -> Path:
+    return dst.with_name(dst.name + STATE_SUFFIX)
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if _is_within(d, s) or _is_within(s, d):
+        raise DsV4Error(f"{dst}: refusing to write the export inside (or around) the source {src}")
+    if d.exists() and any(d.iterdir()) and not overwrite:
+        raise DsV4Error(f"{dst}: not empty; pass --overwrite to replace a previous export")
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("nvidia-modelopt", "transformers", "torch")}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DsV4Error(f"--device {name}: torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_bf16_model(src: Path, device: torch.device):
+    from transformers import AutoConfig, DeepseekV4ForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    if getattr(config, "quantization_config", None):
+        raise DsV4Error(
+            f"{src / 'config.json'}: has a quantization_config; {STEP} needs the BF16 checkpoint `dsv4 dequant` writes"
+        )
+    model = DeepseekV4ForCausalLM.from_pretrained(src, config=config, dtype=torch.bfloat16)
+    # export_hf_checkpoint raises TypeError ('NoneType' object is not iterable) without architectures
+    model.config.architectures = model.config.architectures or [type(model).__name__]
+    return model.to(device).eval()
+
+
+def quantizers(model) -> dict[str, torch.nn.Module]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    found = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    for name, q in found.items():
+        q._dsv4_name = name  # lets the patches name the quantizer in warnings and the report
+    return found
+
+
+def _has_amax(q) -> bool:
+    amax = getattr(q, "_amax", None)
+    return amax is not None and bool(torch.isfinite(amax).all()) and bool((amax > 0).all())
+
+
+def _weight_of(model, name: str) -> torch.Tensor:
+    """The weight a weight quantizer quantizes: `<linear>.weight`, or one expert's slice of a fused
+    3-D parameter for `<experts>.<param>_weight_quantizers.<E>`."""
+    fused = _FUSED_WEIGHT_QUANTIZER.match(name)
+    if fused:
+        parent = model.get_submodule(fused["parent"])
+        return getattr(parent, fused["param"])[int(fused["expert"])]
+    return model.get_submodule(name.rsplit(".", 1)[0]).weight
+
+
+def apply_fallbacks(model, found: dict[str, torch.nn.Module]) -> list[Fallback]:
+    """Give every enabled weight/input quantizer without a usable amax NVIDIA's fallback."""
+    enabled = {
+        n: q for n, q in found.items() if q.is_enabled and ("weight_quantizer" in n or "input_quantizer" in n)
+    }
+    missing = [n for n, q in enabled.items() if not _has_amax(q)]
+    out: list[Fallback] = []
+    for name in missing:
+        q = enabled[name]
+        if "weight_quantizer" in name:
+            weight = _weight_of(model, name)
+            value = weight.detach().abs().amax().float()
+            source = f"max |weight| of {name.rsplit('.', 1)[0] if not _FUSED_WEIGHT_QUANTIZER.match(name) else name}"
+        else:
+            group = _EXPERT_INDEX.sub(".experts.*.", name)
+            peers = [
+                p
+                for p, pq in enabled.items()
+                if p != name and _EXPERT_INDEX.sub(".experts.*.", p) == group and _has_amax(pq)
+            ]
+            if group == name or not peers:
+                raise DsV4Error(
+                    f"{name}: input quantizer saw no calibration data and has no calibrated expert of the same "
+                    "projection to borrow from; calibrate with more (or more varied) samples"
+                )
+            best = max(peers, key=lambda p: float(enabled[p]._amax.float().max()))
+            value = enabled[best]._amax.detach().float().max()
+            source = f"largest calibrated input amax of {group} ({best})"
+        device = q._amax.device if getattr(q, "_amax", None) is not None else weight_device(model)
+        if hasattr(q, "_amax") and q._amax is None:
+            del q._amax  # a None buffer: ModelOpt's amax setter registers a fresh one only when absent
+        q.amax = value.to(device)
+        out.append(Fallback(name, "weight" if "weight_quantizer" in name else "input", float(value), source))
+    return out
+
+
+def weight_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def save_state(model, found: dict[str, torch.nn.Module], state_dir: Path, report: QuantizeReport) -> None:
+    """amax of every quantizer + ModelOpt's state + the report so far, written to a temp dir and renamed."""
+    import modelopt.torch.opt as mto
+    from safetensors.torch import save_file
+
+    tmp = state_dir.with_name(f".{state_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    amax = {
+        n: q._amax.detach().float().cpu().contiguous()
+        for n, q in found.items()
+        if getattr(q, "_amax", None) is not None
+    }
+    save_file(amax, tmp / AMAX_FILE)
+    torch.save(mto.modelopt_state(model), tmp / STATE_FILE)
+    (tmp / REPORT_NAME).write_text(report.to_json())
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(state_dir, ignore_errors=True)
+    tmp.rename(state_dir)
+
+
+def restore_state(model, state_dir: Path) -> dict[str, torch.nn.Module]:
+    import modelopt.torch.opt as mto
+    from safetensors.torch import load_file
+
+    if not (state_dir / AMAX_FILE).is_file() or not (state_dir / STATE_FILE).is_file():
+        raise DsV4Error(
+            f"{state_dir}: no calibrated state ({AMAX_FILE}, {STATE_FILE}); run without --export-only first"
+        )
+    mto.restore_from_modelopt_state(
+        model, modelopt_state=torch.load(state_dir / STATE_FILE, weights_only=False)
+    )
+    found = quantizers(model)
+    amax = load_file(state_dir / AMAX_FILE)
+    unknown = sorted(amax.keys() - found.keys())
+    if unknown:
+        raise DsV4Error(f"{state_dir / AMAX_FILE}: quantizer {unknown[0]} is not in the restored model")
+    device = weight_device(model)
+    for name, value in amax.items():
+        found[name].amax = value.to(device)
+    return found
+
+
+def validate_state(state_dir: Path) -> tuple[bool, str]:
+    """--validate-only: is the saved calibrated state complete and usable? (ok, summary)"""
+    from safetensors.torch import load_file
+
+    if not (state_dir / AMAX_FILE).is_file():
+        return False, f"{state_dir}: no {AMAX_FILE}"
+    amax = load_file(state_dir / AMAX_FILE)
+    bad = [n for n, t in amax.items() if not (torch.isfinite(t).all() and (t > 0).all())]
+    lines = [f"{state_dir}: {len(amax)} quantizer amax values, {len(bad)} not finite and positive"]
+    lines += [f"  {n}: {amax[n].tolist()}" for n in bad[:20]]
+    if not (state_dir / STATE_FILE).is_file():
+        lines.append(f"  missing {STATE_FILE}")
+        return False, "\n".join(lines)
+    return not bad, "\n".join(lines)
+
+
+def calibration_batches(model, src: Path, opts: QuantizeOptions) -> tuple[list[torch.Tensor], dict]:
+    from pipeline.calibration import builtin_batches, file_batches
+
+    vocab = model.config.vocab_size
+    if opts.calib_file:
+        batches = file_batches(opts.calib_file, src, vocab, opts.calib_size, opts.calib_seq, opts.calib_batch)
+        origin = str(opts.calib_file)
+    else:
+        batches = builtin_batches(vocab, opts.calib_size, opts.calib_seq, opts.calib_batch, opts.seed)
+        origin = f"built-in: seeded random token ids (seed {opts.seed})"
+    info = {"source": origin, "samples": sum(len(b) for b in batches), "seq_len": int(batches[0].shape[1])}
+    return batches, info
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, opts: QuantizeOptions) -> QuantizeReport:
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from patches import modelopt_patches
+    from pipeline.recipes import recipe_config
+
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    state_dir = state_dir_for(dst)
+    ensure_valid(src, expect=Layout.BF16, step=STEP)
+    _check_paths(src, dst, opts.overwrite)
+    modelopt_patches.check_targets()  # before the long work: a moved target fails now, not after export
+    device = _device(opts.device)
+    model = load_bf16_model(src, device)
+
+    report = QuantizeReport(str(src), str(dst), opts.recipe, {}, {}, versions=_versions())
+    if opts.export_only:
+        found = restore_state(model, state_dir)
+        saved = json.loads((state_dir / REPORT_NAME).read_text())
+        report.calibration = saved.get("calibration", {})
+        report.uncalibrated = [Fallback(**f) for f in saved.get("uncalibrated", [])]
+        report.calibration["restored_from"] = str(state_dir)
+    else:
+        batches, report.calibration = calibration_batches(model, src, opts)
+
+        def forward_loop(m):
+            with torch.no_grad():
+                for batch in batches:
+                    m(input_ids=batch.to(device))
+
+        mtq.quantize(model, recipe_config(opts.recipe), forward_loop)
+        found = quantizers(model)
+        report.uncalibrated = apply_fallbacks(model, found)
+        save_state(model, found, state_dir, report)
+
+    enabled = [n for n, q in found.items() if q.is_enabled]
+    report.quantizers = {
+        "enabled": len(enabled),
+        "weight": sum("weight_quantizer" in n for n in enabled),
+        "input": sum("input_quantizer" in n for n in enabled),
+    }
+    partial = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    modelopt_patches.CLAMPED_ACTIVATION_SCALES.clear()
+    with modelopt_patches.applied() as patches:
+        export_hf_checkpoint(model, export_dir=partial)
+    report.clamped_activation_scales = list(modelopt_patches.CLAMPED_ACTIVATION_SCALES)
+    report.patches = [
+        {"name": p.name, "target": f"{p.target.module}.{p.target.qualname}", "calls": p.calls}
+        for p in patches
+    ]
+    report.seconds = round(time.perf_counter() - start, 2)
+    (partial / REPORT_NAME).write_text(report.to_json())
+    unreached = [p.name for p in patches if p.calls == 0]
+    if unreached:
+        raise DsV4Error(
+            f"{partial}: runtime patch(es) {', '.join(unreached)} were never reached on the export path: the "
+            "installed ModelOpt moved their targets, so the failures they prevent are back. The export is left in "
+            f"{partial} for inspection; update patches/modelopt_patches.py"
+        )
+    if dst.exists():
+        shutil.rmtree(dst)
+    partial.rename(dst)
+    return report

@@ -1,0 +1,86 @@
+"""`dsv4 quantize SRC DST`: BF16 checkpoint -> ModelOpt NVFP4 export (see pipeline/quantize.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.recipes import RECIPES
+
+HELP = """\
+Quantize a BF16 DeepSeek V4 checkpoint (the output of `dsv4 dequant`) to NVFP4 with NVIDIA ModelOpt,
+in this process: calibration, NVIDIA's fallback for quantizers that saw no data, a snapshot of the
+calibrated state, then ModelOpt's export under version-checked runtime patches.
+
+Recipes:
+  experts  routed experts only, NVFP4 W4A4 (NVIDIA's V4 recipe); everything else stays as released
+  full     every linear layer NVFP4 W4A4 (what the seeds ran)
+
+Writes DST (the export, renamed into place when complete, with dsv4-quantize-report.json) and
+DST.calibration/ (amax snapshot and ModelOpt state). If the export fails, fix the cause and rerun with
+--export-only: the calibrated state is reused. --validate-only checks that saved state and exits.
+For the 8xB200 node, the same recipe runs through ModelOpt's own examples/hf_ptq (pipeline/hf_ptq.py).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="BF16 checkpoint -> NVFP4 export with ModelOpt (in-process driver)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", type=Path, help="BF16 checkpoint directory (from dsv4 dequant)")
+    p.add_argument("dst", type=Path, help="export directory to create")
+    p.add_argument("--recipe", choices=RECIPES, default="experts", help="what to quantize (default: experts)")
+    p.add_argument(
+        "--calib-file", type=Path, help=".jsonl with input_ids or text, or .txt one sample per line"
+    )
+    p.add_argument("--calib-size", type=int, default=16, help="calibration samples (default: 16)")
+    p.add_argument("--calib-seq", type=int, default=64, help="tokens per sample (default: 64)")
+    p.add_argument("--calib-batch", type=int, default=4, help="samples per forward (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in calibration set (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--export-only", action="store_true", help="skip calibration; export from DST.calibration/"
+    )
+    mode.add_argument(
+        "--validate-only", action="store_true", help="check DST.calibration/ and exit (0 ok, 1 not)"
+    )
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from pipeline.quantize import QuantizeOptions, quantize_checkpoint, state_dir_for, validate_state
+
+    if args.validate_only:
+        ok, summary = validate_state(state_dir_for(args.dst))
+        print(summary)
+        return 0 if ok else 1
+    opts = QuantizeOptions(
+        recipe=args.recipe,
+        calib_file=args.calib_file,
+        calib_size=args.calib_size,
+        calib_seq=args.calib_seq,
+        calib_batch=args.calib_batch,
+        seed=args.seed,
+        device=args.device,
+        export_only=args.export_only,
+        overwrite=args.overwrite,
+    )
+    report = quantize_checkpoint(args.src, args.dst, opts)
+    fallbacks = f", {len(report.uncalibrated)} quantizer(s) given the fallback" if report.uncalibrated else ""
+    clamped = (
+        f", {len(report.clamped_activation_scales)} activation scale(s) clamped"
+        if report.clamped_activation_scales
+        else ""
+    )
+    print(
+        f"quantize: {args.dst} ({report.recipe}): {report.quantizers['weight']} weight and "
+        f"{report.quantizers['input']} input quantizers{fallbacks}{clamped}; patches reached: "
+        + ", ".join(f"{p['name']} x{p['calls']}" for p in report.patches)
+        + f"; {report.seconds:.1f} s; report: {args.dst / 'dsv4-quantize-report.json'}"
+    )
+    return 0
