@@ -34,3 +34,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     pytest.mark.skip(reason=f"[{tier.name}] {why}; run it with `{tier.provided_by}`")
                 )
                 break
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one torch thread per xdist worker: -n auto already puts a worker on every core, and two
+        # OpenMP pools per core made the 2-core laptop loop slower than running serially
+        import torch
+
+        torch.set_num_threads(1)

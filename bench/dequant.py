@@ -115,7 +115,9 @@ def main() -> int:
         cp_out_s = time.perf_counter() - start
         print(f"shard: {size / 1e9:.2f} GB ({result.counts[MXFP4]} MXFP4, {result.counts[FP8]} FP8 tensors)")
         print(f"cp of the input shard:   {cp_s:7.2f} s  {size / cp_s / 1e9:6.2f} GB/s")
-        print(f"cp of dequant's output:  {cp_out_s:7.2f} s  {written / cp_out_s / 1e9:6.2f} GB/s ({written / 1e9:.2f} GB)")
+        print(
+            f"cp of dequant's output:  {cp_out_s:7.2f} s  {written / cp_out_s / 1e9:6.2f} GB/s ({written / 1e9:.2f} GB)"
+        )
         print(
             f"dequant:                 {dq_s:7.2f} s  {size / dq_s / 1e9:6.2f} GB/s read, "
             f"{written / dq_s / 1e9:6.2f} GB/s written ({written / size:.1f}x the input; device={args.device}, "

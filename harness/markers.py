@@ -70,7 +70,13 @@ TIERS: tuple[Tier, ...] = (
         _blackwell_missing,
         "pytest -m b200 on the node",
     ),
-    Tier("slow", "minutes rather than seconds; deselect with -m 'not slow'", _nothing, "any env"),
+    Tier(
+        "slow",
+        "full scale (the 145,116-key release replica, full V4 Pro configs): seconds each, needs only what "
+        "unit needs, kept out of the `-m unit` laptop loop; CI runs it with the unit tier",
+        _nothing,
+        "tox -e unit",
+    ),
 )
 
 TIERS_BY_NAME = {tier.name: tier for tier in TIERS}

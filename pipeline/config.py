@@ -714,7 +714,9 @@ def fix_config(
         declared = {_top(k) for k in rule.keys}
         # Each rule gets its own copy of what it may change; hf_quant_config (71k entries on V4 Pro) is
         # copied only for the rules that declare it, and the others must hand back the same object.
-        hfq_in = copy.deepcopy(state.hf_quant_config) if HF_QUANT_CONFIG in declared else state.hf_quant_config
+        hfq_in = (
+            copy.deepcopy(state.hf_quant_config) if HF_QUANT_CONFIG in declared else state.hf_quant_config
+        )
         new = rule.apply(State(copy.deepcopy(state.config), hfq_in), ctx)
         stray = [
             k

@@ -19,7 +19,7 @@ from pipeline.checkpoint import INDEX_NAME, Checkpoint, Layout, read_header, sum
 from pipeline.checkpoint import validate as validate_mod
 from pipeline.checkpoint.validate import SCALE_SUFFIXES
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.slow  # full scale: the 145,116-key replica
 
 RELEASE_DATA_BYTES = 864_704_792_696  # 805.3 GiB
 RELEASE_ELEMENTS = 861_608_274_846  # the published parameter count

@@ -162,4 +162,7 @@ def test_quantize_error_is_within_half_an_e4m3_step(rows, cols, seed, magnitude,
     err = (q.float() - x).abs()
     # e4m3 spacing at |x|: 2^(floor(log2|x|) - 3), and 2^-9 below the normal range (2^-6)
     spacing = torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=2.0**-6))) - 3)
-    assert (err <= spacing / 2 * (1 + 1e-6)).all()
+    # The quantizer rounds w * (448 / amax); a float32 scale stores that factor's rounded reciprocal, so
+    # w / scale can sit an ulp or two from the value actually rounded (on a tie, that flips the side).
+    slack = 0.0 if scale_fmt == "ue8m0" else x.abs() * 2.0**-21
+    assert (err <= spacing / 2 * (1 + 1e-6) + slack).all()

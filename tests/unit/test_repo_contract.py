@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.markers import TIERS
+from pipeline.cli import SUBCOMMANDS
+from pipeline.cli import main as dsv4
 
 pytestmark = pytest.mark.unit
 
@@ -43,45 +45,63 @@ def test_default_tox_run_covers_every_env_and_tiers_fail_on_missing_requirements
     tox.read(ROOT / "tox.ini")
     envs = [e.strip() for e in tox["tox"]["env_list"].split(",")]
     assert envs == ["lint", "unit", "quant", "vllm"]
-    assert "-m unit" in tox["testenv:unit"]["commands"]
+    assert "(unit or slow) and not (tiny or quant or vllm or gpu or b200)" in tox["testenv:unit"]["commands"]
     assert "DSV4_REQUIRE = quant" in tox["testenv:quant"]["set_env"]
     assert "DSV4_REQUIRE = vllm" in tox["testenv:vllm"]["set_env"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=ROOT)
+def test_dsv4_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        dsv4(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for module in SUBCOMMANDS:
+        command = module.rsplit(".", 1)[1].removesuffix("_cmd").replace("_", "-")
+        assert re.search(rf"^    {command}(\s|$)", out, flags=re.M), command
 
 
-def test_dsv4_help_and_version():
-    helped = _run("--help")
-    assert helped.returncode == 0 and "demo" in helped.stdout
-    version = _run("--version")
-    assert version.returncode == 0 and re.match(r"dsv4-nvfp4 \S+", version.stdout)
+# Everything a unit-tier test imports: none of it may pull in transformers, ModelOpt or vLLM.
+UNIT_TIER_MODULES = (
+    "pipeline.cli",
+    *SUBCOMMANDS,
+    "pipeline.formats",
+    "pipeline.checkpoint",
+    "pipeline.release_layout",
+    "pipeline.dequant",
+    "pipeline.config",
+    "pipeline.hf_ptq",
+    "harness.markers",
+    "harness.tiny",
+    "harness.reference",
+    "harness.checkpoints",
+    "harness.replica",
+)
 
 
-def test_unit_tier_modules_import_no_heavy_package():
+def test_fresh_interpreter_imports_no_heavy_package_and_runs_dsv4_version():
+    """One fresh interpreter (a subprocess costs seconds here): the unit tier's modules import without
+    transformers, ModelOpt or vLLM, and `python -m pipeline --version` answers."""
     code = (
-        "import sys, pipeline.formats, pipeline.cli, pipeline.demo, harness.markers;"
-        "print([m for m in ('transformers', 'modelopt', 'vllm') if m in sys.modules])"
+        f"import sys, importlib; [importlib.import_module(m) for m in {UNIT_TIER_MODULES!r}];"
+        "print([m for m in ('transformers', 'modelopt', 'vllm') if m in sys.modules]);"
+        "sys.argv = ['dsv4', '--version']; import runpy; runpy.run_module('pipeline', run_name='__main__')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    heavy, version = out.stdout.splitlines()
+    assert heavy == "[]"
+    assert out.returncode == 0 and re.match(r"dsv4-nvfp4 \S+$", version)
 
 
-def test_demo_runs_and_reports_the_exact_steps_exact():
-    done = _run("demo", "--rows", "256", "--cols", "512", "--json")
-    assert done.returncode == 0, done.stderr
-    rows = {row["step"]: row for row in json.loads(done.stdout)}
+def test_demo_runs_and_reports_the_exact_steps_exact(capsys):
+    assert dsv4(["demo", "--rows", "256", "--cols", "512", "--json"]) == 0
+    rows = {row["step"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["MXFP4 -> BF16 (dsv4 dequant)"]["exact"] is True
     assert rows["MXFP4 -> FP8 block, UE8M0 tiles (re-encode)"]["exact"] is True
     assert rows["MXFP4 -> BF16 -> NVFP4 (experts recipe)"]["exact"] is False
     assert 0 < rows["BF16 -> NVFP4 (ModelOpt 0.47 rule)"]["rel_error"] < 0.2
 
 
-def test_demo_rejects_bad_shape_with_one_line():
-    done = _run("demo", "--cols", "100")
-    assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        == "dsv4: error: --cols must be a positive multiple of 32 (the MXFP4 block); got 100"
-    )
+def test_demo_rejects_bad_shape_with_one_line(capsys):
+    assert dsv4(["demo", "--cols", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dsv4: error: --cols must be a positive multiple of 32 (the MXFP4 block); got 100"
