@@ -1,0 +1,32 @@
+"""`dsv4 e2e`, the README's main job, runs the pipeline on the micro model and prints the recipe table."""
+
+import re
+
+import pytest
+
+from pipeline.cli import main as dsv4
+
+pytestmark = [pytest.mark.tiny, pytest.mark.quant]
+
+
+def test_e2e_runs_every_step_and_scores_both_recipes(tmp_path, capsys):
+    assert dsv4(["e2e", "--workdir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    for step in (
+        "dsv4 validate",
+        "dsv4 dequant",
+        "dsv4 quantize --recipe experts",
+        "dsv4 quantize --recipe full",
+    ):
+        assert step in out, step
+    table = dict(re.findall(r"^(experts|full)\s+([0-9.]+)\s+[0-9.]+$", out, flags=re.M))
+    assert set(table) == {"experts", "full"}
+    assert 0 < float(table["experts"]) <= float(table["full"])
+    assert (tmp_path / "work" / "nvfp4-experts" / "dsv4-quantize-report.json").is_file()
+
+
+def test_e2e_refuses_a_non_empty_workdir(tmp_path, capsys):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "x").write_text("")
+    assert dsv4(["e2e", "--workdir", str(tmp_path / "work")]) == 2
+    assert "not empty" in capsys.readouterr().err
