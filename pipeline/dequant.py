@@ -41,6 +41,7 @@ from pipeline.checkpoint import (
     read_tensor,
     write_checkpoint,
 )
+from pipeline.device import resolve_device
 from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, SCALE_SUFFIX, WEIGHT_SUFFIX, scale_key, stored_format
@@ -163,16 +164,6 @@ def _finish(item, plan: DequantPlan, progress: Progress | None) -> tuple[str, to
     if progress is not None:
         progress.advance(plan.sources[planned.key].read_bytes, planned.key)
     return planned.key, tensor
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from pipeline.errors import DsV4Error
-
-        raise DsV4Error(f"--device {name}: torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass

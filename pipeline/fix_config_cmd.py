@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.checkpoint.reader import INDEX_NAME, read_header, read_index
+from pipeline.checkpoint.reader import INDEX_NAME, read_header, read_index, read_json_object
 from pipeline.checkpoint.writer import copy_file_atomic, write_json_atomic
 from pipeline.config import DEFAULT_TARGET, HF_QUANT_CONFIG, RULES, VLLM_TARGETS, FixResult, fix_config
 from pipeline.errors import DsV4Error
@@ -60,15 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise DsV4Error(f"{path}: no {what} there")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DsV4Error(f"{path}: cannot read: {err.strerror or err}") from err
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DsV4Error(f"{path}: cannot parse JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise DsV4Error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def tensor_keys(ckpt: Path) -> list[str] | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import Layout, ensure_valid
+from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
 
 STEP = "dsv4 quantize"
@@ -95,14 +96,6 @@ def _versions() -> dict:
     from importlib.metadata import version
 
     return {name: version(name) for name in ("nvidia-modelopt", "transformers", "torch")}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DsV4Error(f"--device {name}: torch sees no CUDA device")
-    return torch.device(name)
 
 
 def load_bf16_model(src: Path, device: torch.device):
@@ -271,7 +264,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opts: QuantizeOptions)
     ensure_valid(src, expect=Layout.BF16, step=STEP)
     _check_paths(src, dst, opts.overwrite)
     modelopt_patches.check_targets()  # before the long work: a moved target fails now, not after export
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     model = load_bf16_model(src, device)
 
     report = QuantizeReport(str(src), str(dst), opts.recipe, {}, {}, versions=_versions())

@@ -160,16 +160,26 @@ def _entry_error(path: Path, key: str, entry: object) -> None:
     )
 
 
-def read_index(path: str | os.PathLike) -> dict[str, str]:
-    """The weight_map of a ``model.safetensors.index.json``: key -> shard file name."""
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object from a file; DsV4Error naming the file when it is unreadable, not JSON, or not an
+    object. Every JSON file the pipeline reads (index, config, hf_quant_config) goes through here."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise DsV4Error(f"{path}: cannot read: {err.strerror or err}") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DsV4Error(f"{path}: corrupt JSON: {err}") from None
-    wm = data.get("weight_map") if isinstance(data, dict) else None
+        raise DsV4Error(f"{path}: cannot parse JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise DsV4Error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_index(path: str | os.PathLike) -> dict[str, str]:
+    """The weight_map of a ``model.safetensors.index.json``: key -> shard file name."""
+    path = Path(path)
+    data = read_json_object(path)
+    wm = data.get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise DsV4Error(f"{path}: no weight_map object mapping keys to shard file names")
     return wm
@@ -289,12 +299,4 @@ def locate_with_index(path: str | os.PathLike) -> tuple[Path, Path | None, list[
 def read_config(root: Path) -> dict | None:
     """config.json of a checkpoint directory, or None if it has none; DsV4Error if it is corrupt."""
     path = Path(root) / CONFIG_NAME
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DsV4Error(f"{path}: cannot parse: {err}") from None
-    if not isinstance(data, dict):
-        raise DsV4Error(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.exists() else None
