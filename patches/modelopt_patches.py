@@ -75,10 +75,14 @@ class Patch:
 _TENSOR_ATTRS_OF_QUANTIZERS = ("_amax", "_global_amax", "_pre_quant_scale", "_bias_value")
 
 
+MOVED_TO_CPU: list[str] = []  # what export-on-cpu moved off an accelerator, for the report and the GPU tier
+
+
 def _to_cpu_in_place(module: torch.nn.Module, weight_name: str) -> None:
     """Move the weight being exported and every tensor of its quantizers to the CPU."""
     weight = getattr(module, weight_name, None)
     if isinstance(weight, torch.Tensor) and weight.device.type != "cpu":
+        MOVED_TO_CPU.append(f"{type(module).__name__}.{weight_name}")
         moved = weight.detach().to("cpu")
         if isinstance(weight, torch.nn.Parameter):
             setattr(module, weight_name, torch.nn.Parameter(moved, requires_grad=False))
@@ -90,6 +94,7 @@ def _to_cpu_in_place(module: torch.nn.Module, weight_name: str) -> None:
         for attr in _TENSOR_ATTRS_OF_QUANTIZERS:
             value = getattr(child, attr, None)
             if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                MOVED_TO_CPU.append(f"{getattr(child, '_dsv4_name', type(child).__name__)}.{attr}")
                 if attr in child._buffers:
                     child._buffers[attr] = value.detach().to("cpu")
                 else:

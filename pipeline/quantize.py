@@ -68,6 +68,7 @@ class QuantizeReport:
     quantizers: dict
     uncalibrated: list[Fallback] = field(default_factory=list)
     clamped_activation_scales: list[str] = field(default_factory=list)
+    tensors_moved_to_cpu: int = 0  # weights and amax the export-on-cpu patch took off the GPU
     patches: list[dict] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -296,9 +297,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opts: QuantizeOptions)
     partial = dst.with_name(f".{dst.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     modelopt_patches.CLAMPED_ACTIVATION_SCALES.clear()
+    modelopt_patches.MOVED_TO_CPU.clear()
     with modelopt_patches.applied() as patches:
         export_hf_checkpoint(model, export_dir=partial)
     report.clamped_activation_scales = list(modelopt_patches.CLAMPED_ACTIVATION_SCALES)
+    report.tensors_moved_to_cpu = len(modelopt_patches.MOVED_TO_CPU)
     report.patches = [
         {"name": p.name, "target": f"{p.target.module}.{p.target.qualname}", "calls": p.calls}
         for p in patches

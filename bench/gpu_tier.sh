@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU tier: what a CPU cannot check (tests/gpu) plus GPU throughput, repeatable on any CUDA machine.
+#
+#   bench/gpu_tier.sh pack        on a machine with pip access: download the wheels the GPU machine may
+#                                 lack (ModelOpt 0.47 and transformers 5.23 with their small deps) into
+#                                 .whl/ (keep .whl/ out of git: add it to .git/info/exclude)
+#   bench/gpu_tier.sh run [OUT]   on the GPU machine, from the repo root: install .whl/ into a private
+#                                 site dir if present, run `pytest -m gpu`, then bench/formats.py and
+#                                 bench/dequant.py on CUDA; results go to OUT (default: $OUT or gpu-tier-out)
+#
+# Targets Python 3.12 (the wheels are cp312 where it matters). Nothing here is asserted on timings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(
+  nvidia-modelopt==0.47.0 transformers==5.23.0 omegaconf==2.4.0 pulp==3.3.2
+  pydantic==2.14.3 pydantic-core==2.50.4 annotated-types typing-inspection syrupy==7.0.1
+)
+
+pack() {
+  mkdir -p .whl
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+  du -sh .whl
+}
+
+run() {
+  local out=${1:-${OUT:-gpu-tier-out}}
+  mkdir -p "$out"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dsv4-site .whl/*.whl
+    export PYTHONPATH=/tmp/dsv4-site
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+  { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__)'; } | tee "$out/machine.txt"
+  # DSV4_REQUIRE: on this machine a missing CUDA or ModelOpt is an error, not a skip
+  DSV4_REQUIRE=gpu,quant python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rs -s \
+    --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
+  python3 bench/formats.py --device cuda 2>&1 | tee "$out/bench-formats-cuda.txt"
+  python3 bench/dequant.py --device cuda 2>&1 | tee "$out/bench-dequant-cuda.txt"
+  python3 bench/dequant.py --device cpu 2>&1 | tee "$out/bench-dequant-cpu.txt"
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  run) shift; run "$@" ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac
