@@ -96,6 +96,18 @@ def run_demo(rows: int = 3072, cols: int = 7168, seed: int = 0) -> list[Row]:
         t,
     )
 
+    (tp, tws, tws2, _), t = _timed(lambda: F.mxfp4_to_nvfp4(packed, scale))
+    transcoded = F.nvfp4_dequantize(tp, tws, tws2, torch.float32)
+    add(
+        "MXFP4 -> NVFP4 transcode (same codes)",
+        "NVFP4",
+        (tp, tws, tws2),
+        "release MXFP4",
+        release,
+        transcoded,
+        t,
+    )
+
     (p4, ws, ws2), t = _timed(lambda: F.nvfp4_quantize(bf16))
     requant = F.nvfp4_dequantize(p4, ws, ws2, torch.float32)
     add(
@@ -143,7 +155,8 @@ def format_table(rows: list[Row], shape: tuple[int, int]) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     notes = (
         "\nrel. error: ||out - ref|| / ||ref|| over the whole tensor; exact: every element equal.\n"
-        "Dequantizing the release and re-encoding it as FP8 are exact; every NVFP4 path re-rounds.\n"
+        "Dequantizing the release, re-encoding it as FP8 and transcoding it to NVFP4 (same E2M1 codes,\n"
+        "power-of-two scales) are exact; quantizing to NVFP4 from BF16 re-rounds every block.\n"
     )
     return header + "\n".join(text) + "\n" + notes
 
