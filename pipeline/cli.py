@@ -20,6 +20,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.dequant_cmd",
     "pipeline.quantize_cmd",
     "pipeline.fix_config_cmd",
+    "pipeline.transcode_scan",
     "pipeline.e2e_cmd",
 )
 

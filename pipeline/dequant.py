@@ -44,7 +44,7 @@ from pipeline.checkpoint import (
 from pipeline.device import resolve_device
 from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
 from pipeline.progress import Progress
-from pipeline.release_layout import FP8, MXFP4, PLAIN, SCALE_SUFFIX, WEIGHT_SUFFIX, scale_key, stored_format
+from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
 
 STEP = "dsv4 dequant"
 OUT_DTYPE = "BF16"
@@ -260,7 +260,6 @@ def dry_run_table(plan: DequantPlan, dst: str | Path) -> str:
 
 
 __all__ = [
-    "SCALE_SUFFIX",
     "DequantPlan",
     "DequantResult",
     "Source",
