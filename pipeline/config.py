@@ -53,12 +53,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import DsV4Error
+from pipeline.release_layout import ROUTED_EXPERT, SCALE_SUFFIX
 
 VLLM_TARGETS: tuple[str, ...] = ("0.32", "0.33")
 DEFAULT_TARGET = "0.33"
@@ -88,8 +88,6 @@ MIXED_QUANT_CONFIG: dict[str, Any] = {
 NVFP4_GROUP_SIZE = 16
 NVFP4_MARKER = ".weight_scale_2"  # ModelOpt NVFP4: weight, weight_scale, weight_scale_2, input_scale
 # Routed experts in the native layout; the only modules DeepseekV4FP8Config builds as NVFP4.
-_NATIVE_EXPERT = re.compile(r"^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])$")
-_MXFP4_EXPERT_SCALE = re.compile(r"^(layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]\.scale$")
 
 
 class _Absent:
@@ -325,7 +323,7 @@ def nvfp4_layers(keys: Iterable[str], ctx: FixContext) -> list[str]:
     """
     keys = set(keys)
     layers = sorted(k[: -len(NVFP4_MARKER)] for k in keys if k.endswith(NVFP4_MARKER))
-    not_experts = [m for m in layers if not _NATIVE_EXPERT.match(m)]
+    not_experts = [m for m in layers if not ROUTED_EXPERT.match(m)]
     if not_experts:
         raise DsV4Error(
             f"{ctx.where}: tensor {not_experts[0]}{NVFP4_MARKER} (and {len(not_experts) - 1} more) is NVFP4 "
@@ -338,7 +336,9 @@ def nvfp4_layers(keys: Iterable[str], ctx: FixContext) -> list[str]:
             if m + suffix not in keys:
                 raise DsV4Error(f"{ctx.where}: NVFP4 module {m} has a weight_scale_2 but no {m}{suffix}")
     if layers:
-        left = sorted(k for k in keys if k.endswith(".scale") and _MXFP4_EXPERT_SCALE.match(k))
+        left = sorted(
+            k for k in keys if k.endswith(SCALE_SUFFIX) and ROUTED_EXPERT.match(k[: -len(SCALE_SUFFIX)])
+        )
         if left:
             raise DsV4Error(
                 f"{ctx.where}: tensor {left[0]} (and {len(left) - 1} more) is an MXFP4 expert scale next to "
@@ -348,9 +348,9 @@ def nvfp4_layers(keys: Iterable[str], ctx: FixContext) -> list[str]:
 
 
 def _layer_sort_key(name: str) -> tuple:
-    m = _NATIVE_EXPERT.match(name)
+    m = ROUTED_EXPERT.match(name)
     assert m is not None
-    return (m.group(1) != "layers", int(m.group(2)), int(m.group(3)), m.group(4))
+    return (m["kind"] != "layers", int(m["n"]), int(m["e"]), m["w"])
 
 
 def _kv_cache_quant_algo(state: State) -> str | None:

@@ -8,6 +8,7 @@ factory, the dequant planner and the validator can trust it for any config shape
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -38,6 +39,19 @@ def stored_format(weight_dtype: str, scale_dtype: str | None) -> str:
         if (weight_dtype, scale_dtype) == dtypes:
             return fmt
     return PLAIN
+
+
+# A routed expert's module name in the release: `<layers|mtp>.<N>.ffn.experts.<E>.<w1|w2|w3>`. The
+# spec below builds it with routed_expert(); fix-config and transcode-scan parse it with this pattern.
+ROUTED_EXPERT = re.compile(
+    r"^(?P<block>(?P<kind>layers|mtp)\.(?P<n>\d+))\.ffn\.experts\.(?P<e>\d+)\.(?P<w>w[123])$"
+)
+EXPERT_PROJECTIONS = ("w1", "w2", "w3")  # gate, down, up (w1 and w3 fuse into vLLM's w13)
+
+
+def routed_expert(block: str, expert: int, projection: str) -> str:
+    """`layers.3` + 17 + `w1` -> `layers.3.ffn.experts.17.w1` (the module name; add .weight/.scale)."""
+    return f"{block}.ffn.experts.{expert}.{projection}"
 
 
 @dataclass(frozen=True)
@@ -131,12 +145,9 @@ def _block_weights(config: Mapping, prefix: str, block: int, hash_routed: bool) 
             WeightSpec(f"{a}.indexer.wq_b", FP8, (index_heads * index_dim, q_rank)),
         ]
     f = f"{prefix}.ffn"
+    expert_shapes = {"w1": (inter, hidden), "w2": (hidden, inter), "w3": (inter, hidden)}
     for e in range(experts):
-        out += [
-            WeightSpec(f"{f}.experts.{e}.w1", MXFP4, (inter, hidden)),
-            WeightSpec(f"{f}.experts.{e}.w2", MXFP4, (hidden, inter)),
-            WeightSpec(f"{f}.experts.{e}.w3", MXFP4, (inter, hidden)),
-        ]
+        out += [WeightSpec(routed_expert(prefix, e, w), MXFP4, expert_shapes[w]) for w in EXPERT_PROJECTIONS]
     out.append(WeightSpec(f"{f}.gate.weight", PLAIN, (experts, hidden)))
     if hash_routed:
         out.append(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -19,9 +18,14 @@ import torch
 
 from pipeline.checkpoint import Checkpoint, Layout, ensure_valid, read_tensor
 from pipeline.formats.transcode import WINDOW
-from pipeline.release_layout import MXFP4, scale_key, stored_format
-
-_EXPERT = re.compile(r"^(?P<block>(?:layers|mtp)\.\d+)\.ffn\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
+from pipeline.release_layout import (
+    MXFP4,
+    ROUTED_EXPERT,
+    WEIGHT_SUFFIX,
+    routed_expert,
+    scale_key,
+    stored_format,
+)
 
 
 @dataclass
@@ -47,10 +51,10 @@ def expert_groups(ckpt: Checkpoint) -> dict[str, list[str]]:
     """{group name: [scale keys]}: `<block>.experts.<E>.w13` (w1 and w3) and `<block>.experts.<E>.w2`."""
     groups: dict[str, list[str]] = {}
     for key, info in ckpt.tensors.items():
-        m = _EXPERT.match(key)
+        m = ROUTED_EXPERT.match(key.removesuffix(WEIGHT_SUFFIX)) if key.endswith(WEIGHT_SUFFIX) else None
         scale = ckpt.tensors.get(scale_key(key)) if m else None
         if m and stored_format(info.dtype, scale.dtype if scale else None) == MXFP4:
-            name = f"{m['block']}.ffn.experts.{m['e']}.{'w2' if m['w'] == 'w2' else 'w13'}"
+            name = routed_expert(m["block"], int(m["e"]), "w2" if m["w"] == "w2" else "w13")
             groups.setdefault(name, []).append(scale.key)
     return dict(sorted(groups.items()))
 
