@@ -19,6 +19,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.inspect_cmd",
     "pipeline.dequant_cmd",
     "pipeline.quantize_cmd",
+    "pipeline.convert_cmd",
     "pipeline.fix_config_cmd",
     "pipeline.transcode_scan",
     "pipeline.e2e_cmd",

@@ -744,3 +744,23 @@ def rule_table() -> list[dict[str, Any]]:
         {"rule": r.name, "keys": list(r.keys), "versions": list(r.versions), "reason": r.reason}
         for r in RULES
     ]
+
+
+LAYOUT_TARGET = "0.32"  # the one of VLLM_TARGETS whose rules restore compress_ratios and num_hash_layers
+
+
+def layout_config(
+    config: dict,
+    source_config: dict | None = None,
+    *,
+    where: str = "config.json",
+    source_where: str = "source config",
+) -> dict:
+    """``config`` with the release's own fields that pipeline.release_layout lists tensors from
+    (compress_ratios, num_hash_layers), whatever vLLM target or transformers version wrote it: the
+    fix-config rules for vLLM 0.32 restore both. Only the model's shape matters here, so a
+    quantization_config is ignored."""
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    return fix_config(
+        plain, target=LAYOUT_TARGET, source_config=source_config, where=where, source_where=source_where
+    ).config

@@ -45,10 +45,10 @@ from pipeline.device import resolve_device
 from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
+from pipeline.step_options import DEFAULT_SHARD_BYTES
 
 STEP = "dsv4 dequant"
 OUT_DTYPE = "BF16"
-DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.checkpoint import Layout, ensure_valid
-from pipeline.dequant import DEFAULT_SHARD_BYTES, STEP, dequantize_checkpoint, dry_run_table, plan_dequant
+from pipeline.dequant import STEP, dequantize_checkpoint, dry_run_table, plan_dequant
+from pipeline.step_options import add_streaming_options, max_shard_bytes
 
 HELP = """\
 Dequantize the DeepSeek V4 release (FP8 attention with UE8M0 tile scales, MXFP4 routed experts) to BF16.
@@ -29,38 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="release checkpoint directory (with model.safetensors.index.json)")
     p.add_argument("dst", help="output directory (new or empty; see --resume/--overwrite)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
-    )
-    mode.add_argument("--overwrite", action="store_true", help="delete a previous output in DST first")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="tensors converted ahead of the writer, in threads (default: 2)",
-    )
-    p.add_argument(
-        "--max-shard-gib",
-        type=float,
-        default=DEFAULT_SHARD_BYTES / 1024**3,
-        help="largest output shard, GiB of tensor data (default: 5)",
-    )
-    p.add_argument("--full-scales", action="store_true", help="validate every scale tensor, not a sample")
-    p.add_argument(
-        "--dry-run", action="store_true", help="validate and print the plan from headers; write nothing"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress lines (the summary is still printed)")
+    add_streaming_options(p)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    max_bytes = int(args.max_shard_gib * 1024**3)
+    max_bytes = max_shard_bytes(args)
     if args.dry_run:
         ckpt = ensure_valid(args.src, expect=Layout.RELEASE, step=STEP, full_scales=args.full_scales)
         print(dry_run_table(plan_dequant(ckpt, max_bytes), args.dst))

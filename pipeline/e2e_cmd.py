@@ -2,8 +2,11 @@
 
 The README's main job. It builds a deterministic tiny checkpoint in the release layout (FP8 attention,
 MXFP4 experts, hash/sliding/CSA/HCA layers, an MTP block), validates it, dequantizes it with `dsv4
-dequant`, quantizes the BF16 copy with real ModelOpt for both recipes, and scores each export against
-the BF16 model (transformers' DeepseekV4ForCausalLM in float32, weights dequantized from the export).
+dequant`, quantizes the BF16 copy with real ModelOpt for both recipes, converts each export into the
+layout vLLM loads with `dsv4 convert` (the experts recipe grafted onto the release, as NVIDIA does), and
+scores each converted checkpoint against the BF16 model: transformers' DeepseekV4ForCausalLM in float32
+with the weights vLLM would compute with (harness/vllm_view.py: FP8 tiles dequantized, NVFP4 experts
+with w1's global scale for the fused w13).
 Needs the quant extras: pip install -c constraints.txt -e '.[quant]'.
 """
 
@@ -50,10 +53,11 @@ def _main(args: argparse.Namespace) -> int:
             f"dsv4 e2e needs {', '.join(missing)}: pip install -c constraints.txt -e '.[quant]' "
             "(or run `dsv4 demo`, which needs torch only)"
         )
-    from harness.quantized import dequantized_export
     from harness.reference import compare, load_reference, logits, reference_batch
     from harness.tiny import build_tiny_release
+    from harness.vllm_view import effective_weights, write_effective_checkpoint
     from pipeline.checkpoint import validate_checkpoint
+    from pipeline.convert import convert_checkpoint
     from pipeline.dequant import dequantize_checkpoint
     from pipeline.quantize import QuantizeOptions, quantize_checkpoint
 
@@ -81,13 +85,23 @@ def _main(args: argparse.Namespace) -> int:
         t = _step(
             f"dsv4 quantize --recipe {recipe}", t, f"{q.quantizers['weight']} weight quantizers -> {export}"
         )
-        model, _ = load_reference(dequantized_export(export, work / f"scored-{recipe}", bf16))
+        graft = release if recipe == "experts" else None
+        conv = convert_checkpoint(export, work / f"vllm-{recipe}", graft_from=graft, progress=False)
+        flag = " --graft-from" if graft else ""
+        t = _step(f"dsv4 convert{flag}", t, f"{len(conv.plan.layout)} tensors -> {conv.out_dir}")
+        report = validate_checkpoint(conv.out_dir, full_scales=True)
+        if not report.ok:
+            raise DsV4Error("\n".join(str(p) for p in report.problems))
+        view = effective_weights(conv.out_dir)
+        model, _ = load_reference(write_effective_checkpoint(view, work / f"scored-{recipe}"))
         scores[recipe] = compare(logits(model, tokens), ref)
         t = _step(f"score {recipe}", t, f"KL {scores[recipe]['kl']:.4f}, top-1 {scores[recipe]['top1']:.3f}")
-    print("\nrecipe   KL(BF16 || NVFP4)  top-1 agreement   (4x64 tokens; weights from the export, float32)")
+    print(
+        "\nrecipe   KL(BF16 || NVFP4)  top-1 agreement   (4x64 tokens; weights as vLLM loads the converted checkpoint)"
+    )
     for recipe, s in scores.items():
         print(f"{recipe:<8} {s['kl']:17.4f}  {s['top1']:15.3f}")
-    print("\nnext: dsv4 convert (the layout vLLM loads) and dsv4 fix-config come with the convert step")
+    print(f"\nserve with vLLM: {work / 'vllm-experts'} (kept with --workdir)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -452,6 +452,11 @@ BF16_TO_FP8 = "bf16->fp8-block"
 CAST = "cast"
 UNIFY_W13 = "unify-w13-global-scale"
 DROP = "drop"
+# Source choices of `dsv4 convert` beyond the export's own tensors (not decided by a source form, so not
+# rows of ACTIONS): the release checkpoint given by --graft-from supplies them.
+GRAFT = "graft"
+TRANSCODE = "mxfp4->nvfp4-transcode"
+FALLBACK_INPUT_SCALE = "fallback-input-scale"
 ACTION_NAMES: dict[str, str] = {
     COPY: "bytes as they are",
     KEEP_NVFP4: "routed-expert NVFP4 tensor kept as exported",
@@ -461,6 +466,11 @@ ACTION_NAMES: dict[str, str] = {
     CAST: "cast to the dtype the release stores (e.g. F32 norm -> BF16)",
     UNIFY_W13: "give expert w1 and w3 one weight_scale_2 (vLLM keeps w1's for the fused w13)",
     DROP: "not written; the reason says why",
+    GRAFT: "byte for byte from the release checkpoint (--graft-from): every tensor that is not a routed expert",
+    TRANSCODE: "a routed expert the export lacks (the MTP block's) from the release's MXFP4: same E2M1 codes, "
+    "power-of-two NVFP4 scales (pipeline.formats.mxfp4_to_nvfp4; exact where the exponents fit e4m3)",
+    FALLBACK_INPUT_SCALE: "input_scale of an expert no calibration saw (transformers has no MTP module): the "
+    "largest calibrated input_scale of the same projection in the export (NVIDIA's fallback)",
 }
 
 # Source forms, from (suffix, stored dtype).

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoints import build_tiny_checkpoint
+from harness.exports import build_synthetic_export
 from harness.replica import build_replica, clone_replica, reference_missing
+from pipeline.convert import convert_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +53,42 @@ def tiny_release(_tiny_release_master: Path, tmp_path: Path) -> Path:
 def tiny_bf16(_tiny_bf16_master: Path, tmp_path: Path) -> Path:
     """A private copy of the same checkpoint through `dsv4 dequant`: BF16, native names, no scales."""
     return clone_replica(_tiny_bf16_master, tmp_path / "tiny-bf16")
+
+
+@pytest.fixture(scope="session")
+def exports(_tiny_bf16_master: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(recipe, dialect, w13_global) -> a synthetic ModelOpt export of the micro model (harness/exports.py),
+    built once per session on first use. Do not mutate."""
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def get(recipe: str = "experts", dialect: str = "X", w13: str = "shared") -> Path:
+        key = (recipe, dialect, w13)
+        if key not in cache:
+            cache[key] = build_synthetic_export(
+                _tiny_bf16_master, root / "-".join(key), recipe=recipe, dialect=dialect, w13_global=w13
+            )
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(exports, _tiny_release_master: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(recipe, dialect, w13_global, graft) -> the ConvertResult of `dsv4 convert` on ``exports(...)``
+    (graft: --graft-from the micro release), built once per session on first use. Do not mutate."""
+    root = tmp_path_factory.mktemp("converted")
+    cache: dict[tuple, object] = {}
+
+    def get(recipe: str = "experts", dialect: str = "X", w13: str = "shared", graft: bool = False):
+        key = (recipe, dialect, w13, graft)
+        if key not in cache:
+            cache[key] = convert_checkpoint(
+                exports(recipe, dialect, w13),
+                root / "-".join(map(str, key)),
+                graft_from=_tiny_release_master if graft else None,
+                progress=False,
+            )
+        return cache[key]
+
+    return get

@@ -375,7 +375,9 @@ def write_checkpoint(
             continue
         say(f"[{i + 1}/{len(plan.shards)}] {sh.name}: writing {sh.file_size / GIB:.2f} GiB")
         size, sha = _write_shard(sh, out, produce)
-        journal["finished"][sh.name] = {"size": size, "sha256": sha}
+        done = {**journal["finished"], sh.name: {"size": size, "sha256": sha}}
+        # in plan order, however the shards came to be finished: a resumed run's journal equals a whole run's
+        journal["finished"] = {s.name: done[s.name] for s in plan.shards if s.name in done}
         write_json_atomic(out / JOURNAL_NAME, journal)
         written.append(sh.name)
     for e in extras:

@@ -15,7 +15,7 @@ from .e2m1 import (
 )
 from .fp8_block import FP8_E4M3_MAX, fp8_block_dequantize, fp8_block_quantize, tile_grid
 from .mxfp4 import MXFP4_BLOCK, mxfp4_dequantize, mxfp4_quantize, mxfp4_to_fp8_block
-from .nvfp4 import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+from .nvfp4 import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, nvfp4_rescale
 from .transcode import TranscodeReport, mxfp4_to_nvfp4, transcode_exponent
 from .ue8m0 import as_e8m0, ue8m0_decode, ue8m0_encode
 
@@ -39,6 +39,7 @@ __all__ = [
     "nvfp4_dequantize",
     "nvfp4_global_scale",
     "nvfp4_quantize",
+    "nvfp4_rescale",
     "pack_nibbles",
     "tile_grid",
     "transcode_exponent",

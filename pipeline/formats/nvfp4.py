@@ -102,3 +102,27 @@ def nvfp4_dequantize(
     # of the products decide the bits (ModelOpt and vLLM take the scale product first).
     values.mul_((weight_scale.float() * wsf2.reshape(())).unsqueeze(-1))
     return values.flatten(-2).to(dtype)
+
+
+def nvfp4_rescale(
+    weight_scale: torch.Tensor, weight_scale_2: torch.Tensor | float, new_weight_scale_2: torch.Tensor | float
+) -> torch.Tensor:
+    """Block scales re-expressed against another global scale, codes unchanged: the e4m3 nearest to
+    ``weight_scale * weight_scale_2 / new_weight_scale_2`` (round half to even, saturating at 448).
+
+    For fixed codes this is the block scale with the least error: the dequantized block is
+    codes * block_scale * global, so its error is |block_scale - exact| times the codes' norm, smallest
+    at the nearest representable scale. Exact where the ratio of the global scales is a power of two
+    and the result stays in e4m3's range; unchanged (the same bytes) when the global scale is.
+    Used to give w1 and w3 of one expert one weight_scale_2, as vLLM's fused w13 needs.
+    """
+    require_dtype(weight_scale, (torch.float8_e4m3fn,), "nvfp4_rescale(weight_scale)")
+    old = torch.as_tensor(weight_scale_2, device=weight_scale.device).float().reshape(())
+    new = torch.as_tensor(new_weight_scale_2, device=weight_scale.device).float().reshape(())
+    for name, v in (("weight_scale_2", old), ("new_weight_scale_2", new)):
+        if not bool(torch.isfinite(v)) or float(v) <= 0:
+            raise ValueError(f"nvfp4_rescale({name}): must be finite and positive; got {float(v)}")
+    if bool(old == new):
+        return weight_scale.clone()
+    scaled = weight_scale.float() * old / new
+    return scaled.clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)

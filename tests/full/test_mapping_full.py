@@ -2,7 +2,7 @@
 
 * Per-key snapshots for one full-size block of each kind — hash-routed (layer 0), top-k CSA, top-k
   HCA, MTP — in dialects N (the target layout), H and X (a full-recipe ModelOpt export, derived by
-  the inverse functions of tests/unit/test_mapping.py). Routed experts are shown for the first and
+  the inverse functions of harness/exports.py). Routed experts are shown for the first and
   the last expert; the test checks every other expert maps the same way up to its index.
 * A compact table over every key — the 145,116 tensors of the release as it is, and the converted
   layout's keys in dialects N, H and X (both recipes) — per block kind, rule and action: counts,
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from harness.exports import export_tensors
 from pipeline import mapping as M
 from pipeline.release_layout import compress_ratio, layer_kind, release_tensors
-from tests.unit.test_mapping import _dims, export_tensors, snapshot_rows
+from tests.unit.test_mapping import _dims, snapshot_rows
 
 pytestmark = pytest.mark.slow
 

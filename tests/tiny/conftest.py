@@ -49,3 +49,19 @@ def micro_bf16_model(micro_bf16: Path):
     from harness.reference import load_reference
 
     return load_reference(micro_bf16, strict=False)
+
+
+@pytest.fixture(scope="session")
+def modelopt_exports(micro_bf16: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{recipe: real ModelOpt 0.47 export of the micro BF16 model} for both recipes (8 calibration
+    samples of 32 tokens), made once by `dsv4 quantize`. Needs the quant env. Do not mutate."""
+    from pipeline.quantize import QuantizeOptions, quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("modelopt-exports")
+    out = {}
+    for recipe in ("experts", "full"):
+        quantize_checkpoint(
+            micro_bf16, root / recipe, QuantizeOptions(recipe=recipe, calib_size=8, calib_seq=32)
+        )
+        out[recipe] = root / recipe
+    return out

@@ -38,16 +38,9 @@ pytestmark = [pytest.mark.tiny, pytest.mark.quant]
 NVFP4 = ("U8", "F8_E4M3", "F32")  # weight, weight_scale, weight_scale_2 dtypes
 
 
-@pytest.fixture(scope="module")
-def exports(micro_bf16: Path, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("exports")
-    out = {}
-    for recipe in ("experts", "full"):
-        quantize_checkpoint(
-            micro_bf16, root / recipe, QuantizeOptions(recipe=recipe, calib_size=8, calib_seq=32)
-        )
-        out[recipe] = root / recipe
-    return out
+@pytest.fixture
+def exports(modelopt_exports) -> dict[str, Path]:
+    return modelopt_exports
 
 
 def _nvfp4_weights(export: Path) -> dict[str, tuple]:

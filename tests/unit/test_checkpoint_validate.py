@@ -286,7 +286,8 @@ _CONFIG_CASES = {
         lambda c: c["compress_ratios"][:-1],
         lambda c: [
             f"has {len(c['compress_ratios']) - 1} entries; "
-            f"expected num_hidden_layers + 1 = {c['num_hidden_layers'] + 1}"
+            "expected num_hidden_layers + num_nextn_predict_layers = "
+            f"{c['num_hidden_layers'] + c['num_nextn_predict_layers']}"
         ],
     ),
 }

@@ -1,6 +1,6 @@
 """pipeline.mapping: every key of every dialect (N, H, X) maps to exactly one outcome in the release layout.
 
-The H and X key sets are derived from the release layout by inverse functions written here,
+The H and X key sets are derived from the release layout by inverse functions (harness/exports.py),
 independently of the rule table (ordered string replacements, the way transformers' conversion
 mapping spells them), and checked against real artefacts committed as fixtures:
 
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from harness.exports import _EXPERT, TO, export_tensors, to_h
 from harness.tiny import tiny_config
 from pipeline import mapping as M
-from pipeline.release_layout import FP8, PLAIN, release_weights
+from pipeline.release_layout import PLAIN, release_weights
 
 pytestmark = pytest.mark.unit
 
@@ -38,129 +39,6 @@ def json_snapshot(snapshot):
 def _fixture(name: str) -> list[tuple[str, str, tuple[int, ...]]]:
     doc = json.loads((FIXTURES / name).read_text())
     return [(k, d, tuple(s)) for k, d, s in doc["tensors"]]
-
-
-# ---- the inverse functions: native key -> H / X ---------------------------------------------------
-
-# native -> transformers names, in transformers 5.23 conversion_mapping's order (its "deepseek_v4"
-# renamings, written out again here), then ModelOpt 0.45's per-expert split names.
-_TO_H = (
-    (r"^embed\.weight$", "model.embed_tokens.weight"),
-    (r"^head\.weight$", "lm_head.weight"),
-    (r"^hc_head_(fn|base|scale)$", r"model.hc_head.hc_\1"),
-    (r"\.attn\.", ".self_attn."),
-    (r"\.ffn\.", ".mlp."),
-    (r"\.indexer\.compressor\.", ".compressor.indexer."),
-    (r"\.attn_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."),
-    (r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
-    (r"\.attn_sink$", ".sinks"),
-    (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
-    (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."),
-    (r"\.norm\.", ".kv_norm."),
-    (r"\.ape$", ".position_bias"),
-    (r"\.wq_a\.", ".q_a_proj."),
-    (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."),
-    (r"\.wkv\.", ".kv_proj."),
-    (r"\.wgate\.", ".gate_proj."),
-    (r"\.wo_a\.", ".o_a_proj."),
-    (r"\.wo_b\.", ".o_b_proj."),
-    (r"\.q_norm\.", ".q_a_norm."),
-    (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
-    (r"\.w1\.", ".gate_proj."),
-    (r"\.w2\.", ".down_proj."),
-    (r"\.w3\.", ".up_proj."),
-)
-
-
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
-
-def _per_role(fn):
-    """fn computed once per role (indices replaced), the indices put back: the full-size tests derive
-    288k keys. The renames never depend on an index's value."""
-    cache: dict[str, str] = {}
-
-    def wrapped(key: str) -> str:
-        indices = _INDEX.findall(key)
-        it = iter(f"<{i}>" for i in range(len(indices)))
-        canonical = _INDEX.sub(lambda _: next(it), key)
-        if canonical not in cache:
-            cache[canonical] = fn(canonical.replace("<", "9999").replace(">", "0"))
-        out = cache[canonical]
-        for i, index in enumerate(indices):
-            out = out.replace(f"9999{i}0", index)
-        return out
-
-    return wrapped
-
-
-@_per_role
-def to_h(native: str) -> str:
-    key = native
-    for pat, rep in _TO_H:
-        key = re.sub(pat, rep, key)
-    # transformers renames the checkpoint's keys, then they live under the model. prefix
-    return "model." + key if key.startswith(("layers.", "norm.")) else key
-
-
-@_per_role
-def to_x(native: str) -> str:
-    """ModelOpt 0.47 + transformers 5.23: native under model., with the reversal's exceptions."""
-    if native == "head.weight":
-        return native
-    key = {"embed.weight": "embed_tokens.weight"}.get(native, native)
-    key = re.sub(r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1", key)
-    key = re.sub(r"\.attn\.kv_norm\.weight$", ".attn.norm.weight", key)
-    return "model." + key
-
-
-TO = {"N": lambda k: k, "H": to_h, "X": to_x}
-
-# Linear modules of transformers' model that ModelOpt quantizes with NVFP4_DEFAULT_CFG (every
-# nn.Linear but the grouped wo_a and the router gate); names are native.
-_LINEAR = re.compile(
-    r"\.(attn\.(wq_a|wq_b|wkv|wo_b)|attn\.(indexer\.)?compressor\.(wkv|wgate)|attn\.indexer\.(wq_b|weights_proj)"
-    r"|ffn\.shared_experts\.w[123])$"
-)
-_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]$")
-_F32_NORM = re.compile(r"(norm\.weight)$")  # transformers 5.23 exports RMSNorm weights as float32
-
-
-def _nvfp4(name: str, rows: int, cols: int) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [
-        (f"{name}.input_scale", "F32", ()),
-        (f"{name}.weight", "U8", (rows, cols // 2)),
-        (f"{name}.weight_scale", "F8_E4M3", (rows, cols // 16)),
-        (f"{name}.weight_scale_2", "F32", ()),
-    ]
-
-
-def export_tensors(config: dict, recipe: str, dialect: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The (key, dtype, shape) a ModelOpt export of ``config`` holds, in ``dialect``'s names: no MTP
-    block (transformers has none), routed experts NVFP4; recipe 'full' also makes every other
-    nn.Linear NVFP4 (wo_a stays BF16), 'experts' leaves them BF16; norms float32."""
-    out = []
-    for w in release_weights(config):
-        if w.name.startswith("mtp."):
-            continue
-        native: list[tuple[str, str, tuple[int, ...]]]
-        if _EXPERT.search(w.name) or (recipe == "full" and _LINEAR.search(w.name)):
-            native = _nvfp4(w.name, *w.shape)
-        elif w.fmt == FP8:
-            native = [(f"{w.name}.weight", "BF16", w.shape)]
-        elif w.fmt == PLAIN and re.search(
-            r"\.(compressor\.(wkv|wgate)|indexer\.weights_proj)\.weight$", w.name
-        ):
-            if recipe == "full":
-                native = _nvfp4(w.name.removesuffix(".weight"), *w.shape)
-            else:
-                native = [(w.name, "BF16", w.shape)]
-        else:
-            dtype = "F32" if _F32_NORM.search(w.name) else w.dtype
-            native = [(w.name, dtype, w.shape)]
-        out += [(TO[dialect](k), d, s) for k, d, s in native]
-    return sorted(out)
 
 
 def _dims(shape) -> str:
@@ -200,7 +78,10 @@ def test_rule_and_action_tables_are_well_formed():
         assert set(re.compile(r.pattern).groupindex) == set(re.findall(r"{(\w+)", r.target)), r.name
     pairs = [(a.form, a.target_fmt) for a in M.ACTIONS]
     assert len(set(pairs)) == len(pairs)
-    assert {a.action for a in M.ACTIONS} | {M.CAST, M.UNIFY_W13} == set(M.ACTION_NAMES)
+    # every action has a meaning; the ones no source form decides: CAST and UNIFY_W13 (decide_action),
+    # and the source choices of dsv4 convert --graft-from
+    beyond_forms = {M.CAST, M.UNIFY_W13, M.GRAFT, M.TRANSCODE, M.FALLBACK_INPUT_SCALE}
+    assert {a.action for a in M.ACTIONS} | beyond_forms == set(M.ACTION_NAMES)
 
 
 def test_docs_equal_the_generated_table():
