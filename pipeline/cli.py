@@ -11,6 +11,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.errors import DsV4Error
+from pipeline.provenance import code_digest
 
 # Subcommand modules, in the order `dsv4 --help` lists them. Adding a step means adding its module here.
 SUBCOMMANDS: tuple[str, ...] = (
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"dsv4-nvfp4 {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"dsv4-nvfp4 {__version__} (code {code_digest()})"
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="<command>")
     for module_name in SUBCOMMANDS:
         importlib.import_module(module_name).register(subparsers)

@@ -73,6 +73,7 @@ from pipeline.formats import (
 )
 from pipeline.formats.e2m1 import decode_packed
 from pipeline.progress import Progress
+from pipeline.provenance import code_digest
 from pipeline.release_layout import ROUTED_EXPERT, scale_key
 from pipeline.step_options import DEFAULT_SHARD_BYTES
 
@@ -173,6 +174,7 @@ class ConvertPlan:
         dropped_by: Counter[str] = Counter(why for _, why in self.dropped)
         return {
             "step": STEP,
+            "code": code_digest(),
             "dialect": self.dialect,
             "grafted_from_release": self.release is not None,
             "outputs_by_source_rule_action": [
@@ -243,16 +245,20 @@ def plan_convert(
     target_vllm: str = DEFAULT_TARGET,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
+    scale_sample: int | None = None,
 ) -> ConvertPlan:
     """Validate the export (and the release to graft from), map every key, and plan every output tensor
-    from headers alone. Raises DsV4Error naming every problem before anything is written."""
-    export = ensure_valid(export_dir, expect=Layout.NVFP4, step=STEP, full_scales=full_scales)
+    from headers alone. Raises DsV4Error naming every problem before anything is written.
+    ``scale_sample``: how many scale tensors validation reads (default: the validator's sample; 0 for
+    headers only, as the full-scale tests on sparse replicas need)."""
+    check = {"full_scales": full_scales} | ({} if scale_sample is None else {"sample_size": scale_sample})
+    export = ensure_valid(export_dir, expect=Layout.NVFP4, step=STEP, **check)
     if export.config is None:
         raise DsV4Error(f"{export.root}: no config.json; {STEP} needs the export's config")
     release = None
     release_config = None
     if graft_from is not None:
-        release = ensure_valid(graft_from, expect=Layout.RELEASE, step=f"{STEP} --graft-from")
+        release = ensure_valid(graft_from, expect=Layout.RELEASE, step=f"{STEP} --graft-from", **check)
         release_config = release.config
         if release_config is None:
             raise DsV4Error(f"{release.root}: no config.json in the release to graft from")
@@ -263,7 +269,7 @@ def plan_convert(
         source_where=str(release.root / CONFIG_NAME) if release is not None else "source config",
     )
     mplan = M.plan(_triples(export), layout_cfg, dialect)
-    target = M.target_layout(layout_cfg)
+    target = mplan.layout
 
     jobs: dict[str, Job] = {}
     job_of: dict[str, str] = {}

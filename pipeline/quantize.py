@@ -96,7 +96,11 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 def _versions() -> dict:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("nvidia-modelopt", "transformers", "torch")}
+    from pipeline import __version__
+    from pipeline.provenance import code_digest
+
+    versions = {name: version(name) for name in ("nvidia-modelopt", "transformers", "torch")}
+    return {**versions, "dsv4-nvfp4": __version__, "dsv4-code": code_digest()}
 
 
 def load_bf16_model(src: Path, device: torch.device):

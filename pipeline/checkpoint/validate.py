@@ -307,7 +307,9 @@ def _scale_keys(tensors: dict[str, TensorInfo]) -> list[str]:
 def _check_scale_values(report, tensors, full: bool, sample_size: int) -> None:
     keys = _scale_keys(tensors)
     report.scales_total = len(keys)
-    if not full and len(keys) > sample_size:
+    if not full and sample_size <= 0:
+        keys = []  # headers only
+    elif not full and len(keys) > sample_size:
         step = len(keys) / sample_size
         keys = [keys[int(i * step)] for i in range(sample_size)]
     by_file: dict[Path, list[TensorInfo]] = defaultdict(list)

@@ -98,3 +98,22 @@ def test_run_reaches_main_which_needs_cuda(repo: Path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(OSError, match="GPU"):
         drv.run(drv.seeds_config("/models/in", "/models/out"), repo)
+
+
+def test_run3_load_model_goes_through_get_model_with_a_memory_cap(repo: Path):
+    """Run 3: the driver leaves loading to hf_ptq.load_model (tests/unit/test_hf_ptq_driver.py); this checks
+    that, in the real checkout, load_model calls example_utils.get_model and get_model sets max_memory."""
+    import ast
+
+    folder = drv.locate_hf_ptq(repo).parent
+    funcs = {}
+    for name in ("hf_ptq.py", "example_utils.py"):
+        tree = ast.parse((folder / name).read_text())
+        funcs.update({(name, n.name): n for n in tree.body if isinstance(n, ast.FunctionDef)})
+    load_model = funcs[("hf_ptq.py", "load_model")]
+    calls = {
+        n.func.id for n in ast.walk(load_model) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
+    assert "get_model" in calls
+    get_model = funcs[("example_utils.py", "get_model")]
+    assert "max_memory" in ast.unparse(get_model)

@@ -119,3 +119,57 @@ def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_release, tmp_path):
         dsv4(["dequant", str(tiny_release), str(out), "--quiet", "--max-shard-gib", "0.001", "--resume"]) == 0
     )
     assert tree_digest(out) == tree_digest(tmp_path / "reference")
+
+
+CONVERT_KILLER = textwrap.dedent(
+    """
+    import sys, time, pathlib
+    import pipeline.convert as c
+    real = c.run_job
+    ready = pathlib.Path(sys.argv[3])
+    def slow(job, device, stats):
+        if sys.argv[4] in job.outputs:
+            ready.touch()
+            time.sleep(600)
+        return real(job, device, stats)
+    c.run_job = slow
+    from pipeline.cli import main
+    sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--quiet", "--max-shard-gib", "0.0003", "--workers", "1"]))
+    """
+)
+
+
+def test_convert_kill_9_mid_run_then_resume_is_byte_identical(exports, tmp_path):
+    """dsv4 convert killed (SIGKILL) while producing a tensor of its second-to-last shard, then --resume:
+    the output equals an uninterrupted run's, journal included, and the export is untouched."""
+    from pipeline.convert import convert_checkpoint
+
+    export = exports("full", "H", "separate")  # every action, the w1/w3 unification included
+    before = tree_digest(export)
+    max_bytes = int(0.0003 * 1024**3)
+    convert_checkpoint(export, tmp_path / "reference", progress=False, max_shard_bytes=max_bytes)
+    shards = sorted(p.name for p in (tmp_path / "reference").glob("*.safetensors"))
+    assert len(shards) >= 3
+    index = json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = sorted(k for k, shard in index.items() if shard == shards[-2])[0]
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONVERT_KILLER, str(export), str(out), str(ready), victim],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, "convert ended before reaching the chosen tensor"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not (out / shards[-2]).exists()
+    assert shards[0] in json.loads((out / JOURNAL_NAME).read_text())["finished"]
+    args = ["convert", str(export), str(out), "--quiet", "--max-shard-gib", "0.0003"]
+    assert dsv4(args) == 2  # not empty: refuses without --resume
+    assert dsv4([*args, "--resume"]) == 0
+    assert tree_digest(out) == tree_digest(tmp_path / "reference")
+    assert tree_digest(export) == before

@@ -365,3 +365,24 @@ def test_the_driver_imports_no_heavy_package():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- Run 3: the model is loaded by hf_ptq's own load_model, never by the driver ----------------------
+# Run 3 loaded V4 Pro with AutoModelForCausalLM.from_pretrained, whose torch.cat of the experts' gate_up
+# OOMed a GPU (31.5 GB asked, 25.9 GB free). hf_ptq's load_model goes through example_utils.get_model,
+# which caps max_memory per GPU; the driver must hand the loading to it (checked against a real
+# checkout in tests/crosscheck/test_hf_ptq_contract.py).
+
+
+def test_the_driver_never_loads_the_model_itself():
+    import ast
+
+    tree = ast.parse(Path(drv.__file__).read_text())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom | ast.Import) for a in n.names}
+    assert not used & {"from_pretrained", "AutoModelForCausalLM", "AutoModel", "get_model"}
+
+
+def test_main_loads_the_model_through_hf_ptq_load_model(contract):
+    assert "hf_ptq.load_model" in contract["main_reads"]["functions_walked"]

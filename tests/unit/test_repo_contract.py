@@ -71,3 +71,22 @@ def test_demo_rejects_bad_shape_with_one_line(capsys):
     assert dsv4(["demo", "--cols", "100"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dsv4: error: --cols must be a positive multiple of 32 (the MXFP4 block); got 100"
+
+
+def test_run5_the_code_digest_names_stale_code(tmp_path, capsys):
+    """Seeds Run 5: the node ran code older than the fix ("wasn't synced properly"). The digest that
+    `dsv4 --version` prints and the reports record changes with any byte of the packages' source."""
+    import shutil
+
+    from pipeline.cli import main as dsv4
+    from pipeline.provenance import PACKAGES, code_digest
+
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_digest(tmp_path) == code_digest()
+    target = tmp_path / "patches" / "modelopt_patches.py"
+    target.write_text(target.read_text() + "\n# a fix that did not reach the node\n")
+    assert code_digest(tmp_path) != code_digest()
+    with pytest.raises(SystemExit):
+        dsv4(["--version"])
+    assert code_digest() in capsys.readouterr().out
