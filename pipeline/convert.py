@@ -78,6 +78,7 @@ from pipeline.release_layout import ROUTED_EXPERT, scale_key
 from pipeline.step_options import DEFAULT_SHARD_BYTES
 
 STEP = "dsv4 convert"
+EXPERT_SOURCES = ("export", "transcode")
 REPORT_NAME = "dsv4-convert-report.json"
 _EXPERT_SIBLING = re.compile(
     r"^(?P<module>.+\.ffn\.experts\.\d+\.w[123])\.(?P<part>weight|weight_scale|weight_scale_2|input_scale)$"
@@ -129,6 +130,34 @@ class UnifyStats:
     def rel_error(self) -> float:
         """||error|| / ||weight|| over every rescaled tensor together."""
         return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq else 0.0
+
+
+@dataclass
+class TranscodeStats:
+    """How exactly the release's MXFP4 experts became NVFP4 (pipeline.formats.mxfp4_to_nvfp4)."""
+
+    tensors: int = 0
+    exact: int = 0  # tensors whose every block kept its value
+    requantized_blocks: int = 0  # blocks below the e4m3 window, re-encoded at the smallest scale
+    blocks: int = 0
+    max_rel_error: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, report) -> None:
+        with self._lock:
+            self.tensors += 1
+            self.exact += int(report.exact)
+            self.requantized_blocks += report.requantized_blocks
+            self.blocks += report.blocks
+            self.max_rel_error = max(self.max_rel_error, report.relative_error)
+
+
+@dataclass
+class RunStats:
+    """What the jobs of one run measured (threads add to it)."""
+
+    unify: UnifyStats = field(default_factory=UnifyStats)
+    transcode: TranscodeStats = field(default_factory=TranscodeStats)
 
 
 @dataclass
@@ -246,11 +275,20 @@ def plan_convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     scale_sample: int | None = None,
+    experts: str = "export",
 ) -> ConvertPlan:
     """Validate the export (and the release to graft from), map every key, and plan every output tensor
     from headers alone. Raises DsV4Error naming every problem before anything is written.
     ``scale_sample``: how many scale tensors validation reads (default: the validator's sample; 0 for
-    headers only, as the full-scale tests on sparse replicas need)."""
+    headers only, as the full-scale tests on sparse replicas need). ``experts``: "export" (the routed
+    experts' NVFP4 weights as quantized) or "transcode" (from the release's MXFP4, bit-exact where the
+    exponents fit; the export supplies only the activation scales; needs ``graft_from``)."""
+    if experts not in EXPERT_SOURCES:
+        raise DsV4Error(f"{STEP}: --experts must be one of {', '.join(EXPERT_SOURCES)}; got {experts!r}")
+    if experts == "transcode" and graft_from is None:
+        raise DsV4Error(
+            f"{STEP}: --experts transcode takes the expert weights from the release: pass --graft-from"
+        )
     check = {"full_scales": full_scales} | ({} if scale_sample is None else {"sample_size": scale_sample})
     export = ensure_valid(export_dir, expect=Layout.NVFP4, step=STEP, **check)
     if export.config is None:
@@ -342,7 +380,12 @@ def plan_convert(
                 f"{STEP}: cannot graft from {release.root}: {len(problems)} problem(s):\n  "
                 + "\n  ".join(problems[:20])
             )
-        # routed experts the export lacks (the MTP block's): transcoded from the release's MXFP4
+        if experts == "transcode":  # every expert weight from the release; activation scales stay
+            for key, spec in target.items():
+                if spec.fmt == M.NVFP4 and not key.endswith(".input_scale"):
+                    _unassign(jobs, job_of, key)
+        # routed experts the export lacks (the MTP block's, or all with --experts transcode): transcoded
+        # from the release's MXFP4
         lacking: dict[str, list[str]] = defaultdict(list)
         for key, spec in target.items():
             if spec.fmt == M.NVFP4 and key not in job_of:
@@ -365,6 +408,8 @@ def plan_convert(
                 outputs += [module + ".weight", module + ".weight_scale", module + ".weight_scale_2"]
             add(Job(f"transcode:{group_name}", M.TRANSCODE, "graft", tuple(outputs), tuple(inputs)))
             for module in modules:
+                if module + ".input_scale" in job_of:
+                    continue  # calibrated: the export's own
                 proj = module.rsplit(".", 1)[1]
                 if proj not in fallback:
                     raise DsV4Error(
@@ -432,11 +477,16 @@ def plan_convert(
         for j in jobs.values()
         for i in (*j.inputs, *(p for p in j.params if isinstance(p, TensorInfo)))
     }
+
+    def why_unused(m: M.Mapping) -> str:
+        if m.action == M.DROP:
+            return m.reason.rsplit(" | ", 1)[-1]
+        if m.target_fmt == M.NVFP4:
+            return "transcoded from the release's MXFP4 instead (--experts transcode)"
+        return "grafted from the release instead"
+
     dropped = [
-        (
-            m.source,
-            m.reason.rsplit(" | ", 1)[-1] if m.action == M.DROP else "grafted from the release instead",
-        )
+        (m.source, why_unused(m))
         for m in mplan.mappings
         if (export.tensors[m.source].file, m.source) not in used
     ]
@@ -480,28 +530,28 @@ def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def _run_nvfp4_to_fp8(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_nvfp4_to_fp8(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     codes, bs, gs = _to(device, *t)
     return fp8_block_quantize(nvfp4_dequantize(codes, bs, gs, torch.float32), scale_fmt="ue8m0")
 
 
-def _run_nvfp4_to_bf16(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_nvfp4_to_bf16(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     codes, bs, gs = _to(device, *t)
     return (nvfp4_dequantize(codes, bs, gs, torch.bfloat16),)
 
 
-def _run_bf16_to_fp8(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_bf16_to_fp8(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     (w,) = _to(device, *t)
     return fp8_block_quantize(w, scale_fmt="ue8m0")
 
 
-def _run_cast(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_cast(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     from pipeline.checkpoint.dtypes import to_torch
 
     return (t[0].to(to_torch(job.params[0])),)
 
 
-def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     bs1, gs1, bs3, gs3 = t
     common = torch.maximum(gs1.float(), gs3.float())
     out = []
@@ -520,25 +570,26 @@ def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: Uni
         err_sq += float((energy * (after - before).pow(2)).double().sum())
         ref_sq += float((energy * before.pow(2)).double().sum())
         out += [new_bs, common.reshape(()).clone()]
-    stats.add(ratio, err_sq, ref_sq)
+    stats.unify.add(ratio, err_sq, ref_sq)
     return tuple(out)
 
 
-def _run_transcode(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_transcode(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     pairs = [(t[i], t[i + 1]) for i in range(0, len(t), 2)]
     m = transcode_exponent(*pairs)  # shared by w1 and w3: vLLM keeps w1's weight_scale_2 for w13
     out = []
     for packed, scale in pairs:
-        q, ws, ws2, _ = mxfp4_to_nvfp4(packed, scale, m)
+        q, ws, ws2, report = mxfp4_to_nvfp4(packed, scale, m)
+        stats.transcode.add(report)
         out += [q, ws, ws2]
     return tuple(out)
 
 
-def _run_constant(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_constant(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     return (torch.tensor(job.params[0], dtype=torch.float32),)
 
 
-def _run_copy(job: Job, t: list[torch.Tensor], device: torch.device, stats: UnifyStats):
+def _run_copy(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     return (t[0],)
 
 
@@ -556,7 +607,7 @@ RUNNERS: dict[str, Callable] = {
 }
 
 
-def run_job(job: Job, device: torch.device, stats: UnifyStats) -> tuple[torch.Tensor, ...]:
+def run_job(job: Job, device: torch.device, stats: RunStats) -> tuple[torch.Tensor, ...]:
     tensors = [read_tensor(i) for i in job.inputs]
     out = RUNNERS[job.action](job, tensors, device, stats)
     if len(out) != len(job.outputs):  # pragma: no cover - a bug in a runner
@@ -564,7 +615,7 @@ def run_job(job: Job, device: torch.device, stats: UnifyStats) -> tuple[torch.Te
     return tuple(o.cpu() for o in out)
 
 
-def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: UnifyStats, progress):
+def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: RunStats, progress):
     """Writer producer: runs each output's job (``workers`` ahead, in threads), keeping a job's other
     outputs (an FP8 weight's scale, w3's unified scales) until their turn comes."""
     done: dict[str, torch.Tensor] = {}
@@ -612,7 +663,7 @@ def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: 
 class ConvertResult:
     out_dir: Path
     plan: ConvertPlan
-    unify: UnifyStats
+    stats: RunStats
     read_bytes: int
     written_bytes: int
     seconds: float
@@ -629,7 +680,17 @@ class ConvertResult:
             f"{kept}; {self.seconds:.1f} s, {rate:.2f} GB/s read",
             rule_table(self.plan),
         ]
-        u = self.unify
+        u, tc = self.stats.unify, self.stats.transcode
+        if tc.tensors:
+            lines.append(
+                f"transcoded from the release's MXFP4: {tc.exact} of {tc.tensors} expert tensors exactly"
+                + (
+                    f"; {tc.requantized_blocks} of {tc.blocks} blocks below the e4m3 window re-encoded "
+                    f"(largest relative error of a tensor {tc.max_rel_error:.3g})"
+                    if tc.requantized_blocks
+                    else ""
+                )
+            )
         if u.experts:
             lines.append(
                 f"w1/w3 global scales: {u.changed} of {u.experts} experts differed (largest ratio "
@@ -668,10 +729,12 @@ def convert_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
+    experts: str = "export",
 ) -> ConvertResult:
     start = time.perf_counter()
     plan = plan_convert(
         export_dir,
+        experts=experts,
         graft_from=graft_from,
         dialect=dialect,
         target_vllm=target_vllm,
@@ -680,7 +743,7 @@ def convert_checkpoint(
     )
     dev = resolve_device(device)
     meter = Progress("convert", plan.read_bytes, enabled=progress)
-    stats = UnifyStats()
+    stats = RunStats()
     output = plan.output()
     with tempfile.TemporaryDirectory(prefix="dsv4-convert-") as tmp:
         extras = list(plan.extra_files)

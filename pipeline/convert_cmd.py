@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import DEFAULT_TARGET, VLLM_TARGETS
-from pipeline.convert import convert_checkpoint, dry_run_table, plan_convert
+from pipeline.convert import EXPERT_SOURCES, convert_checkpoint, dry_run_table, plan_convert
 from pipeline.mapping import DIALECTS
 from pipeline.step_options import add_streaming_options, max_shard_bytes
 
@@ -22,6 +22,11 @@ An unmapped key, a missing tensor or a wrong shape stops the step before any wor
 (the experts recipe: attention stays exactly as released) and adds the release's MTP block, whose
 routed experts are transcoded from MXFP4 (exactly where their exponents fit). Without it the export has
 no MTP block (transformers has none) and the output declares num_nextn_predict_layers 0.
+
+--experts transcode (with --graft-from) takes the routed experts' weights from the release instead: the
+MXFP4 E2M1 bytes unchanged, power-of-two NVFP4 scales, bit-exact where a tensor's block exponents span at
+most 17 octaves (`dsv4 transcode-scan RELEASE` says how many do); only the activation scales come from
+the export's calibration. Quantizing the BF16 copy (the experts recipe) re-rounds every block instead.
 
 Where an expert's w1 and w3 have different weight_scale_2 (vLLM keeps w1's for the fused w13), both get
 the larger and the other's block scales are re-expressed; the added error is measured and printed.
@@ -51,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + ")",
     )
     p.add_argument(
+        "--experts",
+        choices=EXPERT_SOURCES,
+        default="export",
+        help="where the routed experts' NVFP4 weights come from: the export as quantized (default), or "
+        "'transcode': the release's MXFP4 re-expressed as NVFP4, bit-exact where the exponents fit, with "
+        "the export's calibrated activation scales (needs --graft-from)",
+    )
+    p.add_argument(
         "--target-vllm",
         choices=VLLM_TARGETS,
         default=DEFAULT_TARGET,
@@ -63,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     max_bytes = max_shard_bytes(args)
     common = dict(
+        experts=args.experts,
         graft_from=args.graft_from,
         dialect=args.dialect,
         target_vllm=args.target_vllm,

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _step(name: str, start: float, detail: str) -> float:
     now = time.perf_counter()
-    print(f"  {name:<28} {now - start:6.1f} s  {detail}", flush=True)
+    print(f"  {name:<46} {now - start:6.1f} s  {detail}", flush=True)
     return now
 
 
@@ -79,28 +79,36 @@ def _main(args: argparse.Namespace) -> int:
     tokens = reference_batch(base.config.vocab_size, seed=0, batch=4, seq=64)
     ref = logits(base, tokens)
     scores = {}
-    for recipe in ("experts", "full"):
+    # (name, ModelOpt recipe, convert options): transcode reuses the experts recipe's calibration
+    runs = (
+        ("experts", "experts", {"graft_from": release}),
+        ("transcode", "experts", {"graft_from": release, "experts": "transcode"}),
+        ("full", "full", {}),
+    )
+    for name, recipe, options in runs:
         export = work / f"nvfp4-{recipe}"
-        q = quantize_checkpoint(bf16, export, QuantizeOptions(recipe=recipe, calib_size=16, calib_seq=64))
-        t = _step(
-            f"dsv4 quantize --recipe {recipe}", t, f"{q.quantizers['weight']} weight quantizers -> {export}"
+        if not export.exists():
+            q = quantize_checkpoint(bf16, export, QuantizeOptions(recipe=recipe, calib_size=16, calib_seq=64))
+            t = _step(
+                f"dsv4 quantize --recipe {recipe}",
+                t,
+                f"{q.quantizers['weight']} weight quantizers -> {export}",
+            )
+        conv = convert_checkpoint(export, work / f"vllm-{name}", progress=False, **options)
+        flags = (" --graft-from" if "graft_from" in options else "") + (
+            " --experts transcode" if options.get("experts") == "transcode" else ""
         )
-        graft = release if recipe == "experts" else None
-        conv = convert_checkpoint(export, work / f"vllm-{recipe}", graft_from=graft, progress=False)
-        flag = " --graft-from" if graft else ""
-        t = _step(f"dsv4 convert{flag}", t, f"{len(conv.plan.layout)} tensors -> {conv.out_dir}")
+        t = _step(f"dsv4 convert{flags}", t, f"{len(conv.plan.layout)} tensors -> {conv.out_dir}")
         report = validate_checkpoint(conv.out_dir, full_scales=True)
         if not report.ok:
             raise DsV4Error("\n".join(str(p) for p in report.problems))
         view = effective_weights(conv.out_dir)
-        model, _ = load_reference(write_effective_checkpoint(view, work / f"scored-{recipe}"))
-        scores[recipe] = compare(logits(model, tokens), ref)
-        t = _step(f"score {recipe}", t, f"KL {scores[recipe]['kl']:.4f}, top-1 {scores[recipe]['top1']:.3f}")
-    print(
-        "\nrecipe   KL(BF16 || NVFP4)  top-1 agreement   (4x64 tokens; weights as vLLM loads the converted checkpoint)"
-    )
-    for recipe, s in scores.items():
-        print(f"{recipe:<8} {s['kl']:17.4f}  {s['top1']:15.3f}")
+        model, _ = load_reference(write_effective_checkpoint(view, work / f"scored-{name}"))
+        scores[name] = compare(logits(model, tokens), ref)
+        t = _step(f"score {name}", t, f"KL {scores[name]['kl']:.4f}, top-1 {scores[name]['top1']:.3f}")
+    print("\nrecipe     KL(BF16 || converted)  top-1 agreement   (4x64 tokens; weights as vLLM loads them)")
+    for name, score in scores.items():
+        print(f"{name:<10} {score['kl']:21.4f}  {score['top1']:15.3f}")
     print(f"\nserve with vLLM: {work / 'vllm-experts'} (kept with --workdir)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

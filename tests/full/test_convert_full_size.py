@@ -93,3 +93,18 @@ def test_full_size_graft_from_the_release_replica(config, sparse_export, release
     table = dry_run_table(plan, tmp_path / "out")
     assert "graft" in table and "mxfp4->nvfp4-transcode" in table
     print(table)
+
+
+def test_full_size_transcode_plans_every_expert_tensor(config, sparse_export, release_replica):
+    """--experts transcode at V4 Pro scale: every routed expert of every layer and of the MTP block is
+    transcoded from the release replica (w1/w3 as pairs), activation scales from the export."""
+    plan = plan_convert(
+        sparse_export("experts", "X"), graft_from=release_replica, experts="transcode", scale_sample=0
+    )
+    blocks = config["num_hidden_layers"] + config["num_nextn_predict_layers"]
+    experts = blocks * config["n_routed_experts"]
+    actions = Counter(plan.jobs[plan.job_of[k]].action for k in plan.layout)
+    assert actions[M.TRANSCODE] == experts * 3 * 3
+    jobs = Counter(j.action for j in plan.jobs.values())
+    assert jobs[M.TRANSCODE] == experts * 2  # one job for w1+w3 (shared m), one for w2
+    assert actions[M.KEEP_NVFP4] == config["num_hidden_layers"] * config["n_routed_experts"] * 3

@@ -6,7 +6,8 @@ DeepseekV4ForCausalLM in float32, and its logits are compared with the BF16 mode
 dequantized) on a fixed 4x64 batch. Activations stay unquantized: NVFP4 activations need a GPU.
 
 Cases: both recipes; dialect X (the real export) and H (the same bytes under the seeds' transformers
-names); the experts recipe with --graft-from the release; and a ModelOpt 0.45-style export (w1 and w3
+names); the experts recipe with --graft-from the release, and with --experts transcode (the release's
+MXFP4 experts re-expressed as NVFP4, the export's activation scales); and a ModelOpt 0.45-style export (w1 and w3
 with their own global scales, harness/exports.py) converted with and without the w1/w3 unification.
 """
 
@@ -64,11 +65,19 @@ def cases(modelopt_exports, micro_release, micro_bf16, tmp_path_factory):
         modelopt_exports["experts"], root / "experts-X-graft", graft_from=micro_release, progress=False
     )
     out["experts-X-graft"] = (modelopt_exports["experts"], graft.out_dir)
+    transcode = convert_checkpoint(
+        modelopt_exports["experts"],
+        root / "experts-X-transcode",
+        graft_from=micro_release,
+        experts="transcode",
+        progress=False,
+    )
+    out["experts-X-transcode"] = (modelopt_exports["experts"], transcode.out_dir)
     sep = build_synthetic_export(
         micro_bf16, root / "export-045", recipe="experts", dialect="H", w13_global="separate"
     )
     unified = convert_checkpoint(sep, root / "045-unified", progress=False)
-    assert unified.unify.changed > 0
+    assert unified.stats.unify.changed > 0
     out["045-unified"] = (sep, unified.out_dir)
     out["045-naive"] = (sep, _without_unify(sep, unified.out_dir, root / "045-naive"))
     return out
@@ -206,3 +215,14 @@ def test_sqnr_of_nvfp4_to_fp8_requant_vs_direct_bf16_to_fp8(modelopt_exports, mi
     # reproduces it exactly, while the NVFP4 detour keeps only 4-bit codes.
     assert direct == 0.0
     assert 15 < db < 40
+
+
+def test_transcode_is_at_least_as_close_as_experts_and_here_exact(scores, scorer, cases, tmp_path):
+    """--experts transcode keeps the release's expert values exactly (the micro release's exponents fit
+    the e4m3 window), and grafts the rest: the vLLM view computes the BF16 model's logits bit for bit, so
+    KL is 0 where re-quantizing the BF16 experts (the experts recipe) is not."""
+    assert scores["experts-X-transcode"]["kl"] <= scores["experts-X"]["kl"] <= scores["full-X"]["kl"]
+    view = effective_weights(cases["experts-X-transcode"][1])
+    model, _ = load_reference(write_effective_checkpoint(view, tmp_path / "transcode"))
+    assert torch.equal(logits(model, scorer.tokens), scorer.ref)
+    assert scores["experts-X-transcode"]["kl"] == 0.0 and scores["experts-X-transcode"]["top1"] == 1.0

@@ -9,7 +9,7 @@ from pipeline.cli import main as dsv4
 pytestmark = [pytest.mark.tiny, pytest.mark.quant]
 
 
-def test_e2e_runs_every_step_and_scores_both_recipes(tmp_path, capsys):
+def test_e2e_runs_every_step_and_scores_each_recipe(tmp_path, capsys):
     assert dsv4(["e2e", "--workdir", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     for step in (
@@ -17,12 +17,17 @@ def test_e2e_runs_every_step_and_scores_both_recipes(tmp_path, capsys):
         "dsv4 dequant",
         "dsv4 quantize --recipe experts",
         "dsv4 quantize --recipe full",
+        "dsv4 convert --graft-from ",
+        "dsv4 convert --graft-from --experts transcode",
     ):
         assert step in out, step
-    table = dict(re.findall(r"^(experts|full)\s+([0-9.]+)\s+[0-9.]+$", out, flags=re.M))
-    assert set(table) == {"experts", "full"}
-    assert 0 < float(table["experts"]) <= float(table["full"])
+    table = dict(re.findall(r"^(experts|transcode|full)\s+([0-9.]+)\s+[0-9.]+$", out, flags=re.M))
+    assert set(table) == {"experts", "transcode", "full"}
+    assert float(table["transcode"]) <= float(table["experts"]) <= float(table["full"])
+    assert float(table["experts"]) > 0
     assert (tmp_path / "work" / "nvfp4-experts" / "dsv4-quantize-report.json").is_file()
+    for name in ("experts", "transcode", "full"):
+        assert (tmp_path / "work" / f"vllm-{name}" / "dsv4-convert-report.json").is_file()
 
 
 def test_e2e_refuses_a_non_empty_workdir(tmp_path, capsys):

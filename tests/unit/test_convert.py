@@ -188,14 +188,18 @@ def test_w1_w3_global_scales_are_unified_and_the_error_is_measured(converted, ex
             after = nvfp4_dequantize(got[key + ".weight"], got[key + ".weight_scale"], g1, torch.float64)
             err_sq += float((after - before).pow(2).sum())
             ref_sq += float(before.pow(2).sum())
-    assert changed > 0 and result.unify.changed == changed
-    assert result.unify.rel_error == pytest.approx((err_sq / ref_sq) ** 0.5, rel=1e-4)
-    assert 0 < result.unify.rel_error < 0.05  # e4m3 rounding of a block scale: at most 1/16 relative
+    assert changed > 0 and result.stats.unify.changed == changed
+    assert result.stats.unify.rel_error == pytest.approx((err_sq / ref_sq) ** 0.5, rel=1e-4)
+    assert 0 < result.stats.unify.rel_error < 0.05  # e4m3 rounding of a block scale: at most 1/16 relative
 
 
 def test_unify_is_a_no_op_when_w1_and_w3_already_share_the_scale(converted, exports):
     result = converted("experts", "X", "shared")
-    assert result.unify.experts > 0 and result.unify.changed == 0 and result.unify.rel_error == 0
+    assert (
+        result.stats.unify.experts > 0
+        and result.stats.unify.changed == 0
+        and result.stats.unify.rel_error == 0
+    )
 
 
 def test_nvfp4_to_fp8_requant_keeps_the_signs_and_the_values(converted, exports):
@@ -331,3 +335,41 @@ def test_every_action_that_writes_has_a_runner():
     from pipeline.convert import RUNNERS
 
     assert set(RUNNERS) == set(M.ACTION_NAMES) - {M.DROP}
+
+
+# ---- --experts transcode (issue: recipe transcode) --------------------------------------------------
+
+
+def test_transcode_takes_every_expert_from_the_release_bit_exactly(exports, _tiny_release_master, tmp_path):
+    """Expert weights: the release's E2M1 bytes with power-of-two scales, dequantizing to the release's
+    MXFP4 values bit for bit; activation scales: the export's calibrated ones (MTP: the fallback);
+    everything else grafted."""
+    export_dir = exports("experts")
+    result = convert_checkpoint(
+        export_dir, tmp_path / "out", graft_from=_tiny_release_master, experts="transcode", progress=False
+    )
+    got, release, export = load_all(result.out_dir), load_all(_tiny_release_master), load_all(export_dir)
+    modules = sorted({k.removesuffix(".weight_scale_2") for k in got if k.endswith(".weight_scale_2")})
+    assert len(modules) == len([k for k in release if ROUTED_EXPERT.match(k.removesuffix(".weight"))])
+    x_of = {M.map_key(k, "X").target: k for k in export}
+    for module in modules:
+        want = mxfp4_dequantize(release[module + ".weight"], release[module + ".scale"], torch.float32)
+        have = nvfp4_dequantize(
+            got[module + ".weight"],
+            got[module + ".weight_scale"],
+            got[module + ".weight_scale_2"],
+            torch.float32,
+        )
+        assert torch.equal(have, want), module
+        assert raw(got[module + ".weight"]) == raw(release[module + ".weight"])
+        if not module.startswith("mtp."):
+            assert raw(got[module + ".input_scale"]) == raw(export[x_of[module + ".input_scale"]])
+    stats = result.stats.transcode
+    assert stats.tensors == len(modules) and stats.exact == stats.tensors and stats.requantized_blocks == 0
+    assert f"{len(modules)} of {len(modules)} expert tensors exactly" in result.summary()
+    assert validate_checkpoint(result.out_dir, full_scales=True).ok
+
+
+def test_transcode_needs_the_release(exports):
+    with pytest.raises(DsV4Error, match=r"--experts transcode.*--graft-from"):
+        plan_convert(exports("experts"), experts="transcode")
