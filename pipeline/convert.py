@@ -552,7 +552,7 @@ def _run_cast(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunS
 
 
 def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
-    bs1, gs1, bs3, gs3 = t
+    bs1, gs1, bs3, gs3 = _to(device, *t)
     common = torch.maximum(gs1.float(), gs3.float())
     out = []
     ratio = 1.0
@@ -564,7 +564,8 @@ def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: Run
         ratio = float(common / gs.float())
         new_bs = nvfp4_rescale(bs, gs, common)
         # exact added error: each block's codes are unchanged, only its scale product moves
-        energy = decode_packed(read_tensor(weight)).unflatten(-1, (-1, NVFP4_BLOCK)).pow(2).sum(-1)
+        codes = read_tensor(weight).to(device, non_blocking=True)
+        energy = decode_packed(codes).unflatten(-1, (-1, NVFP4_BLOCK)).pow(2).sum(-1)
         before = bs.float() * gs.float()
         after = new_bs.float() * common
         err_sq += float((energy * (after - before).pow(2)).double().sum())
@@ -575,6 +576,7 @@ def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: Run
 
 
 def _run_transcode(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    t = _to(device, *t)
     pairs = [(t[i], t[i + 1]) for i in range(0, len(t), 2)]
     m = transcode_exponent(*pairs)  # shared by w1 and w3: vLLM keeps w1's weight_scale_2 for w13
     out = []

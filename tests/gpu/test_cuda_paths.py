@@ -1,7 +1,8 @@
 """The GPU tier: what a CPU cannot check. Run it with bench/gpu_tier.sh on a machine with CUDA.
 
 - every pipeline/formats function gives the same bytes on CUDA as on the CPU;
-- `dsv4 dequant --device cuda` writes the same bytes as the CPU path;
+- `dsv4 dequant --device cuda` and `dsv4 convert --device cuda` (every action, graft, transcode) write
+  the same bytes as the CPU path;
 - the micro model through ModelOpt with CUDA calibration and a forward with quantization ON (the
   fake-quant kernels need CUDA), scored against the BF16 model;
 - the export-on-cpu patch (seeds' Runs 2 and 10) actually moves CUDA weights and amax at export, and
@@ -41,6 +42,8 @@ CASES = {
     "nvfp4_quantize": lambda w: F.nvfp4_quantize(w),
     "nvfp4_dequantize": lambda w: (F.nvfp4_dequantize(*F.nvfp4_quantize(w)),),
     "e2m1_roundtrip": lambda w: (F.e2m1_encode(w * 100), F.e2m1_decode(F.e2m1_encode(w * 100))),
+    "mxfp4_to_nvfp4": lambda w: F.mxfp4_to_nvfp4(*F.mxfp4_quantize(w))[:3],
+    "nvfp4_rescale": lambda w: (F.nvfp4_rescale(F.nvfp4_quantize(w)[1], 0.01, 0.0137),),
 }
 
 
@@ -63,6 +66,35 @@ def test_dequant_on_cuda_writes_the_cpu_bytes(tmp_path):
     dequantize_checkpoint(src, tmp_path / "cpu", device="cpu", progress=False)
     dequantize_checkpoint(src, tmp_path / "cuda", device="cuda", progress=False)
     assert tree_digest(tmp_path / "cpu") == tree_digest(tmp_path / "cuda")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "dialect", "w13", "options"),
+    [
+        ("full", "H", "separate", {}),  # every action: NVFP4->FP8, NVFP4->BF16, BF16->FP8, unify, cast
+        ("experts", "X", "shared", {"graft": True}),  # graft + the MTP experts transcoded
+        ("experts", "X", "shared", {"graft": True, "experts": "transcode"}),
+    ],
+    ids=["full-H-separate", "experts-graft", "transcode"],
+)
+def test_convert_on_cuda_writes_the_cpu_bytes(tmp_path, recipe, dialect, w13, options):
+    from harness.checkpoints import tree_digest
+    from harness.exports import build_synthetic_export
+    from harness.tiny import build_tiny_release
+    from pipeline.convert import convert_checkpoint
+    from pipeline.dequant import dequantize_checkpoint
+
+    release = build_tiny_release(tmp_path / "release", "vllm-shaped", seed=0)
+    bf16 = dequantize_checkpoint(release, tmp_path / "bf16", progress=False).out_dir
+    export = build_synthetic_export(bf16, tmp_path / "export", recipe=recipe, dialect=dialect, w13_global=w13)
+    kw = {
+        "graft_from": release if options.get("graft") else None,
+        "experts": options.get("experts", "export"),
+    }
+    cpu = convert_checkpoint(export, tmp_path / "cpu", device="cpu", progress=False, **kw)
+    gpu = convert_checkpoint(export, tmp_path / "cuda", device="cuda", progress=False, **kw)
+    assert tree_digest(cpu.out_dir) == tree_digest(gpu.out_dir)
+    assert gpu.stats.unify.rel_error == pytest.approx(cpu.stats.unify.rel_error, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
