@@ -71,6 +71,37 @@ class HfPtqConfig:
     attn_implementation: str | None = None
 
 
+# our recipe -> hf_ptq's --qformat (a key of modelopt.recipe.presets.QUANT_CFG_CHOICES in 0.47):
+# nvfp4_experts_only quantizes the routed experts only, NVIDIA's V4 recipe; nvfp4 every linear.
+RECIPE_QFORMAT: Mapping[str, str] = {"experts": "nvfp4_experts_only", "full": "nvfp4"}
+
+
+def config_for_recipe(
+    recipe: str,
+    model_path: str,
+    export_path: str,
+    *,
+    calib_size: int,
+    calib_seq: int,
+    batch_size: int | None = None,
+    calib_file: str | None = None,
+    tensor_parallel: int | None = 8,
+) -> HfPtqConfig:
+    """`dsv4 quantize --driver hf_ptq`'s options as an HfPtqConfig (the seeds' Run 11 settings otherwise)."""
+    if recipe not in RECIPE_QFORMAT:
+        raise DsV4Error(f"recipe {recipe!r} has no hf_ptq qformat; known: {', '.join(RECIPE_QFORMAT)}")
+    return HfPtqConfig(
+        model_path=model_path,
+        export_path=export_path,
+        qformat=RECIPE_QFORMAT[recipe],
+        calib_size=(calib_size,),
+        calib_seq=calib_seq,
+        batch_size=batch_size,
+        datasets=(calib_file,) if calib_file else None,
+        inference_tensor_parallel=tensor_parallel,
+    )
+
+
 # our field -> hf_ptq argparse dest. The flag string itself is read from the contract for that dest.
 OPTION_TABLE: Mapping[str, str] = {
     "model_path": "pyt_ckpt_path",

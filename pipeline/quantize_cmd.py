@@ -19,7 +19,9 @@ Recipes:
 Writes DST (the export, renamed into place when complete, with dsv4-quantize-report.json) and
 DST.calibration/ (amax snapshot and ModelOpt state). If the export fails, fix the cause and rerun with
 --export-only: the calibrated state is reused. --validate-only checks that saved state and exits.
-For the 8xB200 node, the same recipe runs through ModelOpt's own examples/hf_ptq (pipeline/hf_ptq.py).
+On the 8xB200 node, --driver hf_ptq --modelopt-repo REPO runs the same recipe through ModelOpt's own
+examples/hf_ptq/hf_ptq.py (pipeline/hf_ptq.py: its flag names, parse_args, __main__ conversions, every
+attribute main() reads checked) under the same patches; --print-argv shows what it would run.
 """
 
 
@@ -42,6 +44,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in calibration set (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument(
+        "--driver",
+        choices=("in-process", "hf_ptq"),
+        default="in-process",
+        help="in-process: mtq.quantize + export here (CPU or one GPU); hf_ptq: ModelOpt's own "
+        "examples/hf_ptq/hf_ptq.py main() (the node), with its flag names, parse_args and __main__ "
+        "conversions (pipeline/hf_ptq.py) under the same runtime patches",
+    )
+    p.add_argument(
+        "--modelopt-repo",
+        type=Path,
+        help="a Model-Optimizer checkout (hf_ptq driver; the wheel has no examples)",
+    )
+    p.add_argument("--tp", type=int, default=8, help="hf_ptq --inference_tensor_parallel (default: 8)")
+    p.add_argument(
+        "--print-argv",
+        action="store_true",
+        help="hf_ptq driver: parse and convert the arguments, print them, exit",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--export-only", action="store_true", help="skip calibration; export from DST.calibration/"
@@ -59,6 +80,8 @@ def _main(args: argparse.Namespace) -> int:
         ok, summary = validate_state(state_dir_for(args.dst))
         print(summary)
         return 0 if ok else 1
+    if args.driver == "hf_ptq":
+        return _hf_ptq(args)
     opts = QuantizeOptions(
         recipe=args.recipe,
         calib_file=args.calib_file,
@@ -82,5 +105,54 @@ def _main(args: argparse.Namespace) -> int:
         f"{report.quantizers['input']} input quantizers{fallbacks}{clamped}; patches reached: "
         + ", ".join(f"{p['name']} x{p['calls']}" for p in report.patches)
         + f"; {report.seconds:.1f} s; report: {args.dst / 'dsv4-quantize-report.json'}"
+    )
+    return 0
+
+
+def _hf_ptq(args: argparse.Namespace) -> int:
+    """The node's driver: hf_ptq's main() under our version-checked runtime patches."""
+    from patches import modelopt_patches
+    from pipeline import hf_ptq
+    from pipeline.checkpoint import Layout, ensure_valid
+    from pipeline.errors import DsV4Error
+
+    if args.modelopt_repo is None:
+        raise DsV4Error(
+            "--driver hf_ptq needs --modelopt-repo (a Model-Optimizer checkout: the wheel has no examples)"
+        )
+    if args.export_only:
+        raise DsV4Error(
+            "--export-only is the in-process driver's recovery mode; hf_ptq has its own checkpoints"
+        )
+    cfg = hf_ptq.config_for_recipe(
+        args.recipe,
+        str(args.src),
+        str(args.dst),
+        calib_size=args.calib_size,
+        calib_seq=args.calib_seq,
+        batch_size=args.calib_batch,
+        calib_file=str(args.calib_file) if args.calib_file else None,
+        tensor_parallel=args.tp,
+    )
+    if args.print_argv:
+        _, parsed, argv = hf_ptq.prepare(cfg, args.modelopt_repo)
+        print("hf_ptq.py " + " ".join(argv))
+        print("after parse_args and the __main__ conversions:")
+        for key, value in sorted(vars(parsed).items()):
+            print(f"  {key} = {value!r}")
+        return 0
+    ensure_valid(args.src, expect=Layout.BF16, step="dsv4 quantize --driver hf_ptq")
+    modelopt_patches.check_targets()
+    with modelopt_patches.applied() as patches:
+        hf_ptq.run(cfg, args.modelopt_repo)
+    unreached = [p.name for p in patches if p.calls == 0]
+    reached = ", ".join(f"{p.name} x{p.calls}" for p in patches)
+    if unreached:
+        raise DsV4Error(
+            f"{args.dst}: runtime patch(es) {', '.join(unreached)} were never reached on hf_ptq's export path: "
+            "the installed ModelOpt moved their targets; update patches/modelopt_patches.py"
+        )
+    print(
+        f"quantize (hf_ptq): {args.dst} ({args.recipe} -> --qformat {cfg.qformat}); patches reached: {reached}"
     )
     return 0

@@ -117,3 +117,9 @@ def test_run3_load_model_goes_through_get_model_with_a_memory_cap(repo: Path):
     assert "get_model" in calls
     get_model = funcs[("example_utils.py", "get_model")]
     assert "max_memory" in ast.unparse(get_model)
+
+
+def test_recipe_qformats_are_modelopt_presets():
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    assert set(drv.RECIPE_QFORMAT.values()) <= set(QUANT_CFG_CHOICES)

@@ -386,3 +386,38 @@ def test_the_driver_never_loads_the_model_itself():
 
 def test_main_loads_the_model_through_hf_ptq_load_model(contract):
     assert "hf_ptq.load_model" in contract["main_reads"]["functions_walked"]
+
+
+# ---- `dsv4 quantize --driver hf_ptq` -------------------------------------------------------------------
+
+
+def test_quantize_cli_hf_ptq_driver_prints_the_parsed_and_converted_args(stub_repo, capsys, tmp_path):
+    from pipeline.cli import main as dsv4
+
+    rc = dsv4(
+        [
+            "quantize", str(tmp_path / "bf16"), str(tmp_path / "out"), "--driver", "hf_ptq",
+            "--modelopt-repo", str(stub_repo), "--recipe", "experts", "--calib-size", "64", "--print-argv",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "--qformat nvfp4_experts_only" in out and "--calib_size 64" in out
+    assert "calib_size = [64]" in out  # the __main__ conversion applied (Run 9)
+
+
+def test_recipes_map_to_hf_ptq_qformats_modelopt_ships():
+    """The qformats are keys of ModelOpt 0.47's QUANT_CFG_CHOICES (checked against the installed ModelOpt
+    in tests/crosscheck/test_hf_ptq_contract.py)."""
+    assert drv.RECIPE_QFORMAT == {"experts": "nvfp4_experts_only", "full": "nvfp4"}
+    cfg = drv.config_for_recipe("full", "/m", "/e", calib_size=128, calib_seq=512)
+    assert (cfg.qformat, cfg.calib_size, cfg.datasets) == ("nvfp4", (128,), None)
+    with pytest.raises(DsV4Error, match="no hf_ptq qformat"):
+        drv.config_for_recipe("transcode", "/m", "/e", calib_size=1, calib_seq=1)
+
+
+def test_quantize_cli_hf_ptq_driver_needs_a_checkout(capsys, tmp_path):
+    from pipeline.cli import main as dsv4
+
+    assert dsv4(["quantize", str(tmp_path), str(tmp_path / "o"), "--driver", "hf_ptq"]) == 2
+    assert "--modelopt-repo" in capsys.readouterr().err
