@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU tier: what a CPU cannot check (tests/gpu) plus GPU throughput, repeatable on any CUDA machine.
 #
-#   bench/gpu_tier.sh pack        on a machine with pip access: download the wheels the GPU machine may
+#   bench/gpu_tier.sh pack [MODELOPT_CHECKOUT]
+#                                 on a machine with pip access: download the wheels the GPU machine may
 #                                 lack (ModelOpt 0.47 and transformers 5.23 with their small deps) into
-#                                 .whl/ (keep .whl/ out of git: add it to .git/info/exclude)
-#   bench/gpu_tier.sh run [OUT]   on the GPU machine, from the repo root: install .whl/ into a private
-#                                 site dir if present, run `pytest -m gpu`, then bench/formats.py and
-#                                 bench/dequant.py on CUDA; results go to OUT (default: $OUT or gpu-tier-out)
+#                                 .whl/, and copy examples/hf_ptq/*.py of a Model-Optimizer checkout into
+#                                 .carry/ (keep .whl/ and .carry/ out of git: .git/info/exclude)
+#   bench/gpu_tier.sh run [OUT [PART...]]
+#                                 on the GPU machine, from the repo root: install .whl/ into a private
+#                                 site dir if present, run `pytest -m gpu` (hf_ptq end to end when .carry/
+#                                 has the checkout), then bench/formats.py, bench/dequant.py and
+#                                 bench/convert.py on CUDA and CPU; results go to OUT (default: $OUT or
+#                                 gpu-tier-out); PARTS: tests formats dequant convert (default: all)
 #
 # Targets Python 3.12 (the wheels are cp312 where it matters). Nothing here is asserted on timings.
 set -euo pipefail
@@ -22,11 +27,18 @@ pack() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+  if [[ -n "${1:-}" ]]; then  # the hf_ptq example files only: the wheel ships none
+    mkdir -p .carry/Model-Optimizer/examples/hf_ptq
+    cp "$1"/examples/hf_ptq/*.py .carry/Model-Optimizer/examples/hf_ptq/
+    du -sh .carry
+  fi
   du -sh .whl
 }
 
 run() {
   local out=${1:-${OUT:-gpu-tier-out}}
+  local parts=" ${*:2} "
+  [[ "$parts" == "  " ]] && parts=" tests formats dequant convert "
   mkdir -p "$out"
   if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dsv4-site .whl/*.whl
@@ -35,16 +47,31 @@ run() {
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__)'; } | tee "$out/machine.txt"
+  if [[ -f .carry/Model-Optimizer/examples/hf_ptq/hf_ptq.py ]]; then
+    export DSV4_MODELOPT_REPO=$PWD/.carry/Model-Optimizer
+  fi
   # DSV4_REQUIRE: on this machine a missing CUDA or ModelOpt is an error, not a skip
-  DSV4_REQUIRE=gpu,quant python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rs -s \
-    --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
-  python3 bench/formats.py --device cuda 2>&1 | tee "$out/bench-formats-cuda.txt"
-  python3 bench/dequant.py --device cuda 2>&1 | tee "$out/bench-dequant-cuda.txt"
-  python3 bench/dequant.py --device cpu 2>&1 | tee "$out/bench-dequant-cpu.txt"
+  if [[ "$parts" == *" tests "* ]]; then
+    DSV4_REQUIRE=gpu,quant python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rs -s \
+      --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
+  fi
+  if [[ "$parts" == *" formats "* ]]; then
+    python3 bench/formats.py --device cuda 2>&1 | tee "$out/bench-formats-cuda.txt"
+  fi
+  if [[ "$parts" == *" dequant "* ]]; then
+    python3 bench/dequant.py --device cuda 2>&1 | tee "$out/bench-dequant-cuda.txt"
+    python3 bench/dequant.py --device cpu 2>&1 | tee "$out/bench-dequant-cpu.txt"
+  fi
+  if [[ "$parts" == *" convert "* ]]; then
+    for recipe in full experts; do
+      python3 bench/convert.py --recipe "$recipe" --device cuda 2>&1 | tee "$out/bench-convert-$recipe-cuda.txt"
+      python3 bench/convert.py --recipe "$recipe" --device cpu 2>&1 | tee "$out/bench-convert-$recipe-cpu.txt"
+    done
+  fi
 }
 
 case "${1:-}" in
-  pack) pack ;;
+  pack) shift; pack "$@" ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -271,6 +271,7 @@ def build_synthetic_export(
     dialect: str = "X",
     w13_global: str = "shared",
     seed: int = 0,
+    hf_ptq_mtp: bool = False,
 ) -> Path:
     """Write a synthetic ModelOpt NVFP4 export of the BF16 checkpoint ``bf16_dir`` (native names, e.g.
     ``dsv4 dequant``'s output) to ``out_dir``; return it.
@@ -290,18 +291,28 @@ def build_synthetic_export(
     * Everything else as in the input, RMSNorm weights cast to float32 (transformers 5.23 exports them
       so; BF16 -> F32 is exact); no ``mtp.*`` keys (transformers has no MTP module).
 
+    ``hf_ptq_mtp`` (dialect X only): also carry the input's ``mtp.*`` tensors unchanged under their
+    native names, as ModelOpt's examples/hf_ptq re-attaches the MTP block (example_utils.load_mtp_weights;
+    seen in a real hf_ptq export of the micro model on a GPU).
+
     Same inputs give byte-identical files. Runs on one torch thread (restored after): the tensors are
     small, and on a shared 2-core machine a contended OpenMP pool made a build 10x slower (1.4 s, not 0.14).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build(Path(bf16_dir), Path(out_dir), recipe, dialect, w13_global, seed)
+        return _build(Path(bf16_dir), Path(out_dir), recipe, dialect, w13_global, seed, hf_ptq_mtp)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(bf16_dir: Path, out_path: Path, recipe: str, dialect: str, w13_global: str, seed: int) -> Path:
+def _build(
+    bf16_dir: Path, out_path: Path, recipe: str, dialect: str, w13_global: str, seed: int, hf_ptq_mtp: bool
+) -> Path:
+    if hf_ptq_mtp and dialect != "X":
+        raise ValueError(
+            "build_synthetic_export: hf_ptq_mtp is an hf_ptq (ModelOpt 0.47, dialect X) behaviour"
+        )
     for name, value, allowed in (
         ("recipe", recipe, RECIPES),
         ("dialect", dialect, DIALECTS),
@@ -367,6 +378,8 @@ def _build(bf16_dir: Path, out_path: Path, recipe: str, dialect: str, w13_global
     if got != want:
         diff = sorted(set(got) ^ set(want))
         raise AssertionError(f"synthetic export differs from export_tensors: {diff[:5]}")
+    if hf_ptq_mtp:
+        renamed.update({k: t.contiguous() for k, t in tensors.items() if k.startswith("mtp.")})
 
     quant = modelopt_quantization_config(config, recipe, dialect)
     out_config = {k: copy.deepcopy(v) for k, v in config.items() if k != "quantization_config"}

@@ -68,6 +68,8 @@ from pipeline.formats import (
     fp8_block_quantize,
     mxfp4_to_nvfp4,
     nvfp4_dequantize,
+    nvfp4_global_scale,
+    nvfp4_quantize,
     nvfp4_rescale,
     transcode_exponent,
 )
@@ -320,6 +322,7 @@ def plan_convert(
     # 1. the export's tensors, by their mapping
     by_source = {m.source: m for m in mplan.mappings}
     unify: dict[str, dict[str, M.Mapping]] = defaultdict(dict)  # expert module -> {w1.weight_scale: m, ...}
+    float_experts: dict[str, list[M.Mapping]] = defaultdict(list)  # w13/w2 group -> float expert weights
     for m in mplan.mappings:
         info = export.tensors[m.source]
         if not m.writes:
@@ -328,6 +331,10 @@ def plan_convert(
             mm = _EXPERT_SIBLING.match(m.target)
             assert mm is not None, m
             unify[mm["module"].rsplit(".", 1)[0]][f"{mm['module'].rsplit('.', 1)[1]}.{mm['part']}"] = m
+            continue
+        if m.action == M.BF16_TO_NVFP4:  # grouped below: w1 and w3 share one global scale
+            module = m.target.removesuffix(".weight")
+            float_experts[_w13_group(module)].append(m)
             continue
         inputs = [info]
         params: tuple = ()
@@ -358,6 +365,18 @@ def plan_convert(
             )
         )
 
+    for group, ms in sorted(float_experts.items()):
+        ms = sorted(ms, key=lambda m: m.target)
+        add(
+            Job(
+                f"quantize:{group}",
+                M.BF16_TO_NVFP4,
+                ms[0].rule,
+                tuple(w for m in ms for w in m.writes),
+                tuple(export.tensors[m.source] for m in ms),
+            )
+        )
+
     # 2. grafting: every non-expert tensor from the release, byte for byte
     if release is not None:
         problems = []
@@ -380,22 +399,25 @@ def plan_convert(
                 f"{STEP}: cannot graft from {release.root}: {len(problems)} problem(s):\n  "
                 + "\n  ".join(problems[:20])
             )
-        if experts == "transcode":  # every expert weight from the release; activation scales stay
-            for key, spec in target.items():
-                if spec.fmt == M.NVFP4 and not key.endswith(".input_scale"):
-                    _unassign(jobs, job_of, key)
+        for key, spec in target.items():
+            # every expert weight from the release with --experts transcode; and always those the export
+            # only has as float (hf_ptq's MTP block): the release's MXFP4 transcodes them exactly
+            from_float = key in job_of and jobs[job_of[key]].action == M.BF16_TO_NVFP4
+            if (
+                spec.fmt == M.NVFP4
+                and not key.endswith(".input_scale")
+                and (experts == "transcode" or from_float)
+            ):
+                _unassign(jobs, job_of, key)
         # routed experts the export lacks (the MTP block's, or all with --experts transcode): transcoded
         # from the release's MXFP4
         lacking: dict[str, list[str]] = defaultdict(list)
         for key, spec in target.items():
             if spec.fmt == M.NVFP4 and key not in job_of:
                 lacking[spec.weight].append(key)
-        fallback = _fallback_input_scales(export, mplan) if lacking else {}
         pairs: dict[str, list[str]] = defaultdict(list)
         for module in lacking:
-            me = ROUTED_EXPERT.match(module)
-            assert me is not None, module
-            pairs[module if me["w"] == "w2" else module[: -len(me["w"])] + "w13"].append(module)
+            pairs[_w13_group(module)].append(module)
         for group_name, modules in sorted(pairs.items()):
             modules = sorted(modules)
             inputs, outputs = [], []
@@ -407,24 +429,22 @@ def plan_convert(
                 inputs += [w, s]
                 outputs += [module + ".weight", module + ".weight_scale", module + ".weight_scale_2"]
             add(Job(f"transcode:{group_name}", M.TRANSCODE, "graft", tuple(outputs), tuple(inputs)))
-            for module in modules:
-                if module + ".input_scale" in job_of:
-                    continue  # calibrated: the export's own
-                proj = module.rsplit(".", 1)[1]
-                if proj not in fallback:
-                    raise DsV4Error(
-                        f"{export.root}: no calibrated {proj} input_scale in the export to give {module}"
-                    )
-                add(
-                    Job(
-                        f"input_scale:{module}",
-                        M.FALLBACK_INPUT_SCALE,
-                        "graft",
-                        (module + ".input_scale",),
-                        (),
-                        (fallback[proj],),
-                    )
-                )
+    # activation scales no calibration produced (the MTP block's experts): NVIDIA's fallback
+    uncalibrated = [
+        k
+        for k, spec in target.items()
+        if spec.fmt == M.NVFP4
+        and k.endswith(".input_scale")
+        and k not in job_of
+        and k.removesuffix(".input_scale") + ".weight" in job_of
+    ]
+    fallback = _fallback_input_scales(export, mplan) if uncalibrated else {}
+    for key in uncalibrated:
+        module = key.removesuffix(".input_scale")
+        proj = module.rsplit(".", 1)[1]
+        if proj not in fallback:
+            raise DsV4Error(f"{export.root}: no calibrated {proj} input_scale in the export to give {module}")
+        add(Job(f"input_scale:{module}", M.FALLBACK_INPUT_SCALE, "fallback", (key,), (), (fallback[proj],)))
     out_layout = {}
     absent = dict(mplan.absent)
     omitted: list[tuple[str, str]] = []
@@ -516,6 +536,13 @@ def by_source_weight(by_source: dict[str, M.Mapping], scale_source: str) -> str:
     return key
 
 
+def _w13_group(module: str) -> str:
+    """The fused module vLLM builds for an expert projection: w1 and w3 -> ...w13, w2 alone."""
+    me = ROUTED_EXPERT.match(module)
+    assert me is not None, module
+    return module if me["w"] == "w2" else module[: -len(me["w"])] + "w13"
+
+
 def _unassign(jobs: dict[str, Job], job_of: dict[str, str], key: str) -> None:
     """Take ``key`` away from the job that would have written it (grafting replaces it)."""
     name = job_of.pop(key, None)
@@ -587,6 +614,17 @@ def _run_transcode(job: Job, t: list[torch.Tensor], device: torch.device, stats:
     return tuple(out)
 
 
+def _run_bf16_to_nvfp4(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    t = _to(device, *t)
+    # one global scale for the group (w1 with w3), from the larger amax: what vLLM's fused w13 keeps
+    global_scale = nvfp4_global_scale(torch.stack([w.float().abs().amax() for w in t]).amax())
+    out = []
+    for w in t:
+        packed, block, _ = nvfp4_quantize(w, weight_scale_2=global_scale)
+        out += [packed, block, global_scale.clone()]
+    return tuple(out)
+
+
 def _run_constant(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     return (torch.tensor(job.params[0], dtype=torch.float32),)
 
@@ -606,6 +644,7 @@ RUNNERS: dict[str, Callable] = {
     M.UNIFY_W13: _run_unify,
     M.TRANSCODE: _run_transcode,
     M.FALLBACK_INPUT_SCALE: _run_constant,
+    M.BF16_TO_NVFP4: _run_bf16_to_nvfp4,
 }
 
 

@@ -309,6 +309,16 @@ RULES: tuple[Rule, ...] = (
         "model.layers.0.attn.norm.weight",
     ),
     Rule(
+        "x.mtp",
+        ("X",),
+        r"(?P<k>mtp\.\d+\..+)",
+        "{k}",
+        "ModelOpt's examples/hf_ptq (0.47 era) re-attaches the MTP block, which transformers' model lacks, "
+        "from the source checkpoint (example_utils.load_mtp_weights) under the checkpoint's own native "
+        "names, excluded from quantization: BF16 from a `dsv4 dequant` source (seen on a GPU run).",
+        "mtp.0.e_proj.weight",
+    ),
+    Rule(
         "x.block",
         ("X",),
         r"model\.(?P<k>layers\.\d+\.(?!attn\.norm\.weight$).+)",
@@ -457,6 +467,7 @@ DROP = "drop"
 GRAFT = "graft"
 TRANSCODE = "mxfp4->nvfp4-transcode"
 FALLBACK_INPUT_SCALE = "fallback-input-scale"
+BF16_TO_NVFP4 = "bf16->nvfp4"
 ACTION_NAMES: dict[str, str] = {
     COPY: "bytes as they are",
     KEEP_NVFP4: "routed-expert NVFP4 tensor kept as exported",
@@ -466,6 +477,8 @@ ACTION_NAMES: dict[str, str] = {
     CAST: "cast to the dtype the release stores (e.g. F32 norm -> BF16)",
     UNIFY_W13: "give expert w1 and w3 one weight_scale_2 (vLLM keeps w1's for the fused w13)",
     DROP: "not written; the reason says why",
+    BF16_TO_NVFP4: "quantize a float routed expert to NVFP4 by ModelOpt's rule (w1 and w3 sharing one global "
+    "scale), for the MTP experts an hf_ptq export carries unquantized",
     GRAFT: "byte for byte from the release checkpoint (--graft-from): every tensor that is not a routed expert",
     TRANSCODE: "a routed expert the export lacks (the MTP block's) from the release's MXFP4: same E2M1 codes, "
     "power-of-two NVFP4 scales (pipeline.formats.mxfp4_to_nvfp4; exact where the exponents fit e4m3)",
@@ -501,8 +514,9 @@ def source_form(key: str, dtype: str) -> str:
     return f"unknown({dtype})"
 
 
-# What the action writes: the target key itself, the target weight and its .scale sibling, or nothing.
-SELF, WEIGHT_AND_SCALE, NOTHING = "self", "weight+scale", "nothing"
+# What the action writes: the target key itself, the target weight and its .scale sibling, an NVFP4
+# weight with its two scales (its .input_scale comes from elsewhere), or nothing.
+SELF, WEIGHT_AND_SCALE, NVFP4_WEIGHT, NOTHING = "self", "weight+scale", "nvfp4-weight", "nothing"
 
 
 @dataclass(frozen=True)
@@ -510,8 +524,9 @@ class ActionRule:
     form: str  # source_form(...)
     target_fmt: str  # FP8, NVFP4 or PLAIN
     action: str
-    writes: str  # SELF, WEIGHT_AND_SCALE or NOTHING
+    writes: str  # SELF, WEIGHT_AND_SCALE, NVFP4_WEIGHT or NOTHING
     reason: str
+    where: str | None = None  # only for targets this regex searches (None: any); the first match wins
 
 
 _OPERAND = "operand of the weight's conversion (read with X.weight; no key of its own in the target)"
@@ -555,6 +570,15 @@ ACTIONS: tuple[ActionRule, ...] = (
         "activation scale of a routed expert (vLLM takes the max of w1's and w3's for w13)",
     ),
     ActionRule(
+        "float",
+        NVFP4,
+        BF16_TO_NVFP4,
+        NVFP4_WEIGHT,
+        "an MTP routed expert that hf_ptq carried unquantized (no calibration reaches the MTP block); in "
+        "the layers a float routed expert is an export that skipped the experts, and stays an error",
+        where=r"^mtp\.",
+    ),
+    ActionRule(
         "mxfp4.weight",
         NVFP4,
         DROP,
@@ -583,7 +607,22 @@ ACTIONS: tuple[ActionRule, ...] = (
     ActionRule("nvfp4.global_scale", PLAIN, NVFP4_TO_BF16, NOTHING, _OPERAND),
     ActionRule("nvfp4.input_scale", PLAIN, DROP, NOTHING, _NO_STATIC_ACT),
 )
-_ACTION_INDEX = {(a.form, a.target_fmt): a for a in ACTIONS}
+_ACTION_INDEX: dict[tuple[str, str], list[ActionRule]] = defaultdict(list)
+for _a in ACTIONS:
+    _ACTION_INDEX[(_a.form, _a.target_fmt)].append(_a)
+
+
+def _action_rule(form: str, target_fmt: str, target: str) -> ActionRule | None:
+    return next(
+        (
+            a
+            for a in _ACTION_INDEX.get((form, target_fmt), ())
+            if a.where is None or re.search(a.where, target)
+        ),
+        None,
+    )
+
+
 _W13_SCALE = re.compile(r"\.experts\.\d+\.w[13]\.weight_scale(_2)?$")
 _UNIFY_REASON = (
     "vLLM keeps w1's weight_scale_2 for the fused w13 and warns, then uses the wrong scale for w3, "
@@ -717,7 +756,7 @@ def decide_action(target: str, dtype: str, spec: TargetTensor) -> tuple[str, str
     target-layout entry (or its weight's) is ``spec``."""
     form = source_form(target, dtype)
     # a sibling that the target format has no place for is decided by its form alone
-    entry = _ACTION_INDEX.get((form, spec.fmt))
+    entry = _action_rule(form, spec.fmt, target)
     if entry is None:
         raise MappingError(
             f"{target}: no action turns a {form} tensor ({dtype}) into the target's {spec.fmt} "
@@ -733,10 +772,13 @@ def decide_action(target: str, dtype: str, spec: TargetTensor) -> tuple[str, str
     base = _base(target)
     if entry.writes == NOTHING:
         writes: tuple[str, ...] = ()
-    elif entry.writes == WEIGHT_AND_SCALE:
+    elif entry.writes in (WEIGHT_AND_SCALE, NVFP4_WEIGHT):
         if base + ".weight" != target:
             raise MappingError(f"{target}: a {form} tensor ({dtype}) under a suffix that is not .weight")
-        writes = (target, scale_key(target))
+        if entry.writes == WEIGHT_AND_SCALE:
+            writes = (target, scale_key(target))
+        else:
+            writes = (target, base + ".weight_scale", base + ".weight_scale_2")
     else:
         if _role(target) not in _role_layout():
             raise MappingError(
@@ -828,7 +870,15 @@ def detect_dialect(keys: Iterable[str]) -> str:
 # ---- planning a checkpoint ---------------------------------------------------------------------
 
 # Target keys an H/X export cannot have, with why; plan() lists them in Plan.absent instead of failing.
+# (pattern, dialects, why); an entry whose pattern starts with "+" applies only when the export does
+# carry the MTP block (hf_ptq re-attaches it), the others when it does not.
 EXPORT_LACKS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        r"+mtp\.\d+\.ffn\.experts\.\d+\.w[123]\.input_scale",
+        ("X",),
+        "no calibration reaches the MTP block (hf_ptq re-attaches it unquantized), so no activation scale: "
+        "dsv4 convert gives the fallback (the largest calibrated one of the same projection)",
+    ),
     (
         r"mtp\.\d+\..+",
         ("H", "X"),
@@ -860,6 +910,9 @@ def _expected_source_shape(m: Mapping, spec: TargetTensor) -> tuple[int, ...] | 
     if m.action in (NVFP4_TO_FP8, NVFP4_TO_BF16) and m.writes:
         rows, cols = spec.shape
         return (rows, cols // 2)
+    if m.action == BF16_TO_NVFP4:
+        rows, packed = spec.shape  # the target's packed weight
+        return (rows, packed * 2)
     return None
 
 
@@ -916,11 +969,18 @@ def plan(tensors: Iterable[Any], config: MappingABC, dialect: str | None = None)
             problems.append(f"{w}: written by {len(sources)} source keys: {', '.join(sorted(sources))}")
     absent: list[tuple[str, str]] = []
     missing: list[str] = []
+    has_mtp = any(w.startswith("mtp.") for w in writers)
     for key in layout:
         if key in writers:
             continue
         why = next(
-            (why for pat, ds, why in EXPORT_LACKS if dialect in ds and re.fullmatch(pat, key)),
+            (
+                why
+                for pat, ds, why in EXPORT_LACKS
+                if dialect in ds
+                and pat.startswith("+") == has_mtp
+                and re.fullmatch(pat.removeprefix("+"), key)
+            ),
             None,
         )
         if why is None:
@@ -989,15 +1049,23 @@ def rule_table_markdown() -> str:
         "|---|---|",
         *(f"| `{a}` | {_md(m)} |" for a, m in ACTION_NAMES.items()),
         "",
-        "| source form | target format | action | writes | reason |",
-        "|---|---|---|---|---|",
-        *(f"| {a.form} | {a.target_fmt} | `{a.action}` | {a.writes} | {_md(a.reason)} |" for a in ACTIONS),
+        "| source form | target format | only targets matching | action | writes | reason |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {a.form} | {a.target_fmt} | {f'`{_md(a.where)}`' if a.where else 'any'} | `{a.action}` | "
+            f"{a.writes} | {_md(a.reason)} |"
+            for a in ACTIONS
+        ),
         "",
         "## Input keys the target cannot get from an export",
         "",
         "| target keys | dialects | why |",
         "|---|---|---|",
-        *(f"| `{_md(p)}` | {','.join(ds)} | {_md(why)} |" for p, ds, why in EXPORT_LACKS),
+        *(
+            f"| `{_md(p.removeprefix('+'))}` | {','.join(ds)} | "
+            f"{'(when the export carries the MTP block) ' if p.startswith('+') else ''}{_md(why)} |"
+            for p, ds, why in EXPORT_LACKS
+        ),
         "",
     ]
     return "\n".join(lines)

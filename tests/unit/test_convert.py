@@ -373,3 +373,62 @@ def test_transcode_takes_every_expert_from_the_release_bit_exactly(exports, _tin
 def test_transcode_needs_the_release(exports):
     with pytest.raises(DsV4Error, match=r"--experts transcode.*--graft-from"):
         plan_convert(exports("experts"), experts="transcode")
+
+
+# ---- hf_ptq exports carry the MTP block, unquantized, under native names -------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_ptq_export(_tiny_bf16_master, tmp_path_factory):
+    """As a real hf_ptq export of the micro model (GPU tier) is: dialect X plus the BF16 source's mtp.*."""
+    from harness.exports import build_synthetic_export
+
+    return build_synthetic_export(
+        _tiny_bf16_master, tmp_path_factory.mktemp("hf-ptq") / "export", recipe="experts", hf_ptq_mtp=True
+    )
+
+
+def test_hf_ptq_mtp_block_is_quantized_without_the_release(hf_ptq_export, _tiny_bf16_master, tmp_path):
+    """Without --graft-from: MTP attention BF16 -> FP8 tiles, MTP experts BF16 -> NVFP4 (w1/w3 one global
+    scale), their activation scales the fallback; the output keeps the MTP block."""
+    from pipeline.formats import nvfp4_global_scale, nvfp4_quantize
+
+    result = convert_checkpoint(hf_ptq_export, tmp_path / "out", progress=False)
+    got, src = load_all(result.out_dir), load_all(_tiny_bf16_master)
+    assert (
+        result.plan.has_mtp
+        and json.loads((result.out_dir / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    )
+    q, s = fp8_block_quantize(src["mtp.0.attn.wq_a.weight"])
+    assert raw(got["mtp.0.attn.wq_a.weight"]) == raw(q) and raw(got["mtp.0.attn.wq_a.scale"]) == raw(s)
+    e = "mtp.0.ffn.experts.1"
+    amax = torch.maximum(
+        src[f"{e}.w1.weight"].float().abs().amax(), src[f"{e}.w3.weight"].float().abs().amax()
+    )
+    for w in ("w1", "w3"):
+        packed, block, _ = nvfp4_quantize(src[f"{e}.{w}.weight"], weight_scale_2=nvfp4_global_scale(amax))
+        assert raw(got[f"{e}.{w}.weight"]) == raw(packed) and raw(got[f"{e}.{w}.weight_scale"]) == raw(block)
+        assert float(got[f"{e}.{w}.weight_scale_2"]) == float(nvfp4_global_scale(amax))
+    export = load_all(hf_ptq_export)
+    calibrated = [float(v) for k, v in export.items() if k.endswith(".w2.input_scale")]
+    assert float(got[f"{e}.w2.input_scale"]) == max(calibrated)
+    assert validate_checkpoint(result.out_dir, full_scales=True).ok
+
+
+def test_hf_ptq_mtp_experts_come_from_the_release_when_grafting(
+    hf_ptq_export, _tiny_release_master, tmp_path
+):
+    """With --graft-from the MTP experts are transcoded from the release (exact), not re-quantized from
+    the BF16 copy hf_ptq carried."""
+    result = convert_checkpoint(
+        hf_ptq_export, tmp_path / "out", graft_from=_tiny_release_master, progress=False
+    )
+    got, release = load_all(result.out_dir), load_all(_tiny_release_master)
+    e = "mtp.0.ffn.experts.2.w3"
+    want = mxfp4_dequantize(release[e + ".weight"], release[e + ".scale"], torch.float32)
+    have = nvfp4_dequantize(
+        got[e + ".weight"], got[e + ".weight_scale"], got[e + ".weight_scale_2"], torch.float32
+    )
+    assert torch.equal(have, want)
+    actions = {a for (_, _, a) in result.plan.counts()}
+    assert M.TRANSCODE in actions and M.BF16_TO_NVFP4 not in actions

@@ -76,7 +76,7 @@ def test_rule_and_action_tables_are_well_formed():
     for r in M.RULES:
         assert set(r.dialects) <= set(M.DIALECTS) and r.reason.strip(), r.name
         assert set(re.compile(r.pattern).groupindex) == set(re.findall(r"{(\w+)", r.target)), r.name
-    pairs = [(a.form, a.target_fmt) for a in M.ACTIONS]
+    pairs = [(a.form, a.target_fmt, a.where) for a in M.ACTIONS]
     assert len(set(pairs)) == len(pairs)
     # every action has a meaning; the ones no source form decides: CAST and UNIFY_W13 (decide_action),
     # and the source choices of dsv4 convert --graft-from
@@ -336,6 +336,23 @@ def test_action(key, dialect, dtype, action, writes):
 def test_unquantized_routed_expert_is_an_error():
     with pytest.raises(M.MappingError, match=r"experts\.0\.w1\.weight.*NVFP4"):
         M.map_key("model.layers.0.mlp.experts.0.gate_proj.weight", "H", "BF16")
+    with pytest.raises(M.MappingError, match=r"experts\.0\.w1\.weight.*NVFP4"):
+        M.map_key("model.layers.0.ffn.experts.0.w1.weight", "X", "BF16")
+
+
+def test_hf_ptq_mtp_experts_are_quantized_and_the_rest_of_mtp_maps_natively():
+    """hf_ptq re-attaches the MTP block from the BF16 source under native names (seen on a GPU run):
+    its experts get NVFP4 (weight and both scales; input_scale is the converter's fallback)."""
+    m = M.map_key("mtp.0.ffn.experts.3.w1.weight", "X", "BF16", (128, 256))
+    assert (m.rule, m.action) == ("x.mtp", M.BF16_TO_NVFP4)
+    assert m.writes == tuple(
+        f"mtp.0.ffn.experts.3.w1.{s}" for s in ("weight", "weight_scale", "weight_scale_2")
+    )
+    assert M.map_key("mtp.0.attn.wq_a.weight", "X", "BF16").action == M.BF16_TO_FP8
+    assert M.map_key("mtp.0.e_proj.weight", "X", "BF16").writes == (
+        "mtp.0.e_proj.weight",
+        "mtp.0.e_proj.scale",
+    )
 
 
 def test_names_only_without_dtype():
