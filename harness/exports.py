@@ -378,8 +378,14 @@ def _build(
     if got != want:
         diff = sorted(set(got) ^ set(want))
         raise AssertionError(f"synthetic export differs from export_tensors: {diff[:5]}")
-    if hf_ptq_mtp:
-        renamed.update({k: t.contiguous() for k, t in tensors.items() if k.startswith("mtp.")})
+    if hf_ptq_mtp:  # native names but for the export's kv_norm -> norm reversal, as on the GPU run
+        renamed.update(
+            {
+                to_x(k).removeprefix("model."): t.contiguous()
+                for k, t in tensors.items()
+                if k.startswith("mtp.")
+            }
+        )
 
     quant = modelopt_quantization_config(config, recipe, dialect)
     out_config = {k: copy.deepcopy(v) for k, v in config.items() if k != "quantization_config"}

@@ -309,9 +309,18 @@ RULES: tuple[Rule, ...] = (
         "model.layers.0.attn.norm.weight",
     ),
     Rule(
+        "x.mtp.attn.kv_norm",
+        ("X",),
+        r"mtp\.(?P<n>\d+)\.attn\.norm\.weight",
+        "mtp.{n}.attn.kv_norm.weight",
+        "The export's .kv_norm. -> .norm. reversal reaches the MTP block hf_ptq re-attaches too (seen on a "
+        "GPU run: mtp.0.attn.norm.weight), as it does the layers' attention kv_norm (x.attn.kv_norm).",
+        "mtp.0.attn.norm.weight",
+    ),
+    Rule(
         "x.mtp",
         ("X",),
-        r"(?P<k>mtp\.\d+\..+)",
+        r"(?P<k>mtp\.\d+\.(?!attn\.norm\.weight$).+)",
         "{k}",
         "ModelOpt's examples/hf_ptq (0.47 era) re-attaches the MTP block, which transformers' model lacks, "
         "from the source checkpoint (example_utils.load_mtp_weights) under the checkpoint's own native "

@@ -353,6 +353,8 @@ def test_hf_ptq_mtp_experts_are_quantized_and_the_rest_of_mtp_maps_natively():
         "mtp.0.e_proj.weight",
         "mtp.0.e_proj.scale",
     )
+    # the real hf_ptq export had the MTP attention's kv_norm as attn.norm, like the layers' (GPU run)
+    assert M.map_key("mtp.0.attn.norm.weight", "X", "BF16").target == "mtp.0.attn.kv_norm.weight"
 
 
 def test_names_only_without_dtype():
