@@ -55,7 +55,11 @@ from pipeline.convert import convert_checkpoint, plan_convert
 from pipeline.formats import nvfp4_global_scale
 from pipeline.mapping import target_layout
 
-REFERENCE_CONFIG = Path("/work/shared/reference/deepseek-v4-pro/config.json")
+# ../shared/reference next to the repo; elsewhere (a lent GPU machine) harness.tiny's copy of the same
+# config (tests/unit/test_tiny_factory.py checks the two agree)
+REFERENCE_CONFIG = (
+    Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-v4-pro" / "config.json"
+)
 LAYER_RATIO = 4  # compress ratio of the layer the synthetic model has (V4 Pro's layers 2, 4, ..., 60)
 SHARD_BYTES = 5 * 1024**3
 GIB = 1024**3
@@ -110,7 +114,12 @@ def synthetic_tensor(native: str, dtype: str, shape: tuple[int, ...], gen: torch
 
 def synthetic_export(out: Path, gib: float, recipe: str, seed: int = 0) -> tuple[dict, list[Path]]:
     """Write the export (config.json, hf_quant_config.json, shards, index); return its config and shards."""
-    reference = json.loads(REFERENCE_CONFIG.read_text())
+    if REFERENCE_CONFIG.exists():
+        reference = json.loads(REFERENCE_CONFIG.read_text())
+    else:
+        from harness.tiny import _RELEASE_CONFIG
+
+        reference = copy.deepcopy(_RELEASE_CONFIG)
     config = bench_config(reference, size_experts(reference, gib, recipe), recipe)
     native = export_tensors(config, recipe, "N")
     gen = torch.Generator().manual_seed(seed)
