@@ -22,6 +22,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.quantize_cmd",
     "pipeline.convert_cmd",
     "pipeline.fix_config_cmd",
+    "pipeline.serve_cmd",
     "pipeline.transcode_scan",
     "pipeline.e2e_cmd",
 )

@@ -28,7 +28,7 @@ attribute main() reads checked) under the same patches; --print-argv shows what 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quantize",
-        help="BF16 checkpoint -> NVFP4 export with ModelOpt (in-process driver)",
+        help="BF16 checkpoint -> NVFP4 export with ModelOpt (in-process, or hf_ptq on the node)",
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
