@@ -46,4 +46,4 @@ def test_fresh_interpreter_imports_no_heavy_package_and_runs_dsv4_version():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     heavy, version = out.stdout.splitlines()
     assert heavy == "[]"
-    assert out.returncode == 0 and re.match(r"dsv4-nvfp4 \S+$", version)
+    assert out.returncode == 0 and re.match(r"dsv4-nvfp4 \S+ \(code [0-9a-f]{16}\)$", version)

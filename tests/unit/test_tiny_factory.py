@@ -100,7 +100,8 @@ def test_config_has_the_real_release_keys():
     real = json.loads(REFERENCE_CONFIG.read_text())
     from harness.tiny import _RELEASE_CONFIG
 
-    assert real == _RELEASE_CONFIG  # bench/convert.py uses this copy where ../shared is absent (a GPU machine)
+    # bench/convert.py uses this copy where ../shared is absent (a GPU machine)
+    assert real == _RELEASE_CONFIG
     for preset in PRESETS:
         assert list(tiny_config(preset)) == list(real)
         assert tiny_config(preset)["quantization_config"] == real["quantization_config"]
