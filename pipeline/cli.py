@@ -23,6 +23,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.convert_cmd",
     "pipeline.fix_config_cmd",
     "pipeline.serve_cmd",
+    "pipeline.use_plugin_cmd",
     "pipeline.transcode_scan",
     "pipeline.e2e_cmd",
 )
