@@ -73,7 +73,11 @@ CATALOGUE: tuple[Failure, ...] = (
     Failure(
         "Run 5",
         "the fix of Run 4 was not synced to the node: stale code ran",
-        ("tests/unit/test_repo_contract.py::test_run5_the_code_digest_names_stale_code",),
+        (
+            "tests/unit/test_repo_contract.py::test_run5_the_code_digest_names_stale_code",
+            "tests/unit/test_preflight.py::test_code_digest_mismatch_names_run_5",
+            "tests/b200/test_node_preflight.py::test_code_is_what_the_laptop_tested",
+        ),
         "unit, b200",
         f"{LAPTOP} (the digest changes); {NODE} (--expect-code compares it)",
     ),
@@ -117,9 +121,10 @@ CATALOGUE: tuple[Failure, ...] = (
         (
             "tests/gpu/test_cuda_paths.py::test_export_on_cuda_moves_gpu_tensors_and_matches_the_cpu_weights",
             "tests/gpu/test_hf_ptq_gpu.py::test_hf_ptq_driver_quantizes_on_cuda_and_the_export_converts",
+            "tests/b200/test_node_preflight.py::test_canary_slice_dequant_quantize_convert_serve",
         ),
-        "gpu",
-        GPU,
+        "gpu, b200",
+        f"{GPU}; {NODE} (the canary quantizes a 2-layer slice with CUDA)",
     ),
     Failure(
         "Run 11",
@@ -128,6 +133,7 @@ CATALOGUE: tuple[Failure, ...] = (
             _Q + "test_every_patch_target_matches_the_installed_modelopt",
             _Q + "test_seeds_patch_on_the_moved_export_fused_experts_is_never_reached",
             _Q + "test_a_changed_signature_is_refused",
+            "tests/b200/test_node_preflight.py::test_modelopt_patch_targets_are_present",
         ),
         "tiny",
         f"{LAPTOP_QUANT}; {NODE} (targets checked against the node's ModelOpt)",

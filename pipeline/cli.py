@@ -22,6 +22,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.quantize_cmd",
     "pipeline.convert_cmd",
     "pipeline.fix_config_cmd",
+    "pipeline.slice_cmd",
     "pipeline.serve_cmd",
     "pipeline.use_plugin_cmd",
     "pipeline.transcode_scan",

