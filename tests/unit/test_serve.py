@@ -709,3 +709,20 @@ def test_docs_tables_are_the_code_tables():
     begin, end = "<!-- generated: pipeline.serve.tables_markdown() -->\n", "<!-- end generated -->"
     section = text.split(begin, 1)[1].split(end, 1)[0]
     assert section.strip() == S.tables_markdown().strip(), "regenerate docs/serve.md's tables (see the file)"
+
+
+def test_a_converted_checkpoint_whose_config_has_no_num_hash_layers_is_accepted(
+    ckpt, tokenizer_dir, tmp_path
+):
+    """A real ModelOpt export's config (transformers >= 5.8) has mlp_layer_types, not num_hash_layers,
+    and fix-config for vLLM 0.33 keeps it so. The tensor list must come from pipeline.config.layout_config,
+    or every hash layer is expected with gate.bias and the checkpoint is refused (found by the canary)."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    hashed = config.pop("num_hash_layers")
+    config["mlp_layer_types"] = ["hash_moe"] * hashed + ["moe"] * (config["num_hidden_layers"] - hashed)
+    (copy / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    assert cli([str(copy), "--print", "--tp", "2", "--tokenizer", str(tokenizer_dir)]) == 0
