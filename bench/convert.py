@@ -174,10 +174,19 @@ def synthetic_export(out: Path, gib: float, recipe: str, seed: int = 0) -> tuple
     return config, paths
 
 
-def timed(*commands: list[str]) -> float:
+def sync(root: Path) -> None:
+    """fsync every file under ``root`` (not `sync -f`: that would also flush whatever else is dirty on the
+    filesystem, e.g. the export save_file has just written, or another process's files)."""
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    subprocess.run(["sync", *files, str(root)], check=True)
+
+
+def timed_copy(sources: list[Path], dst: Path) -> float:
+    """Seconds to `cp` ``sources`` into ``dst`` and fsync the copies."""
+    dst.mkdir()
     start = time.perf_counter()
-    for c in commands:
-        subprocess.run(c, check=True)
+    subprocess.run(["cp", "-r", *map(str, sources), str(dst)], check=True)
+    sync(dst)
     return time.perf_counter() - start
 
 
@@ -211,18 +220,18 @@ def main() -> int:
                 f"synthetic export does not give the target layout: {sorted(set(plan.layout) ^ want)[:5]}"
             )
         size = sum(p.stat().st_size for p in shards)
+        sync(src)  # the export on disk first, so that no step below pays for its writeback
         subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # same cache state
-        copy_dir.mkdir()
-        cp_s = timed(["cp", *map(str, shards), str(copy_dir)], ["sync", "-f", str(copy_dir)])
+        cp_s = timed_copy(shards, copy_dir)
         shutil.rmtree(copy_dir)
         start = time.perf_counter()
         result = convert_checkpoint(src, out, device=args.device, workers=args.workers, progress=False)
-        subprocess.run(["sync", "-f", str(out)], check=True)
+        sync(out)
         cv_s = time.perf_counter() - start
         if not args.keep:
             shutil.rmtree(src)  # room for the copy of the output
         # the I/O floor: copying as many bytes as convert wrote (its own output, so the same disk)
-        cp_out_s = timed(["cp", "-r", str(out), str(copy_dir)], ["sync", "-f", str(copy_dir)])
+        cp_out_s = timed_copy(sorted(out.iterdir()), copy_dir)
         shutil.rmtree(copy_dir)
         read, written = result.read_bytes, result.written_bytes
 

@@ -74,6 +74,7 @@ from pipeline.formats import (
     transcode_exponent,
 )
 from pipeline.formats.e2m1 import decode_packed
+from pipeline.formats.fp8_block import STRIP_ELEMENTS
 from pipeline.progress import Progress
 from pipeline.provenance import code_digest
 from pipeline.release_layout import ROUTED_EXPERT, scale_key
@@ -559,7 +560,15 @@ def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _run_nvfp4_to_fp8(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     codes, bs, gs = _to(device, *t)
-    return fp8_block_quantize(nvfp4_dequantize(codes, bs, gs, torch.float32), scale_fmt="ue8m0")
+    # strips of whole 128-row tiles (same bytes): the float32 weight never exists whole
+    strip = max(1, STRIP_ELEMENTS // (codes.shape[1] * 2 * 128)) * 128
+    parts = [
+        fp8_block_quantize(
+            nvfp4_dequantize(codes[i : i + strip], bs[i : i + strip], gs, torch.float32), scale_fmt="ue8m0"
+        )
+        for i in range(0, codes.shape[0], strip)
+    ]
+    return torch.cat([q for q, _ in parts]), torch.cat([sc for _, sc in parts])
 
 
 def _run_nvfp4_to_bf16(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):

@@ -19,6 +19,11 @@ from .ue8m0 import ue8m0_decode, ue8m0_encode
 
 FP8_E4M3_MAX = 448.0
 SCALE_FORMATS = ("ue8m0", "float32")
+# Large weights are quantized in strips of whole tile rows: tiles are independent, so the bytes are the
+# same, and float32 temporaries of ~8 M elements are reused by the allocator instead of being fresh
+# pages of hundreds of MB each (measured on this CPU: 2.5-3x faster per thread, most time had been
+# page faults in the kernel).
+STRIP_ELEMENTS = 8 * 1024 * 1024
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
 
 
@@ -64,6 +69,14 @@ def fp8_block_quantize(
         raise ValueError(f"fp8_block_quantize: scale_fmt must be one of {SCALE_FORMATS}; got {scale_fmt!r}")
     require_finite(w, "fp8_block_quantize(w)")
     block = _check_block(block)
+    strip = max(1, STRIP_ELEMENTS // (max(1, w.shape[1]) * block[0])) * block[0]
+    if w.shape[0] > strip:
+        parts = [_quantize(w[i : i + strip], block, scale_fmt) for i in range(0, w.shape[0], strip)]
+        return torch.cat([q for q, _ in parts]), torch.cat([sc for _, sc in parts])
+    return _quantize(w, block, scale_fmt)
+
+
+def _quantize(w: torch.Tensor, block: tuple[int, int], scale_fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     tiles = _to_tiles(w.float(), block)
     amax = tiles.abs().amax(dim=(1, 3))
     nonzero = amax > 0

@@ -3,6 +3,8 @@ the sparse replica of the release (tests/unit/test_preflight.py has the rest, on
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from harness import preflight as P
@@ -35,3 +37,18 @@ def test_disk_plan_of_v4_pro(release_replica):
 
 def test_b200_source_validation_on_the_replica(release_replica):
     node_tests.test_source_headers(release_replica)
+
+
+# moved from tests/unit/test_preflight.py: it runs subprocesses with timeouts (seconds)
+def test_run_step_logs_and_reports_exit_status_and_timeouts(tmp_path):
+    ok = P.run_step(P.CanaryStep("ok", [sys.executable, "-c", "print('hello')"], 60), tmp_path)
+    assert ok.ok and ok.tail.endswith("hello") and ok.log.read_text().startswith("$ ")
+    bad = P.run_step(P.CanaryStep("bad", [sys.executable, "-c", "raise SystemExit(3)"], 60), tmp_path)
+    assert bad.returncode == 3 and not bad.ok
+    slow = P.run_step(
+        P.CanaryStep("slow", [sys.executable, "-c", "import time; time.sleep(30)"], 0.5), tmp_path
+    )
+    assert slow.returncode == -1 and slow.seconds < 10 and "KeyboardInterrupt" in slow.tail  # SIGINT first
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(30)"
+    killed = P.run_step(P.CanaryStep("stubborn", [sys.executable, "-c", stubborn], 0.5), tmp_path, grace=0.5)
+    assert killed.returncode == -1 and killed.seconds < 10

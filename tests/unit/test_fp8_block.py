@@ -166,3 +166,23 @@ def test_quantize_error_is_within_half_an_e4m3_step(rows, cols, seed, magnitude,
     # w / scale can sit an ulp or two from the value actually rounded (on a tie, that flips the side).
     slack = 0.0 if scale_fmt == "ue8m0" else x.abs() * 2.0**-21
     assert (err <= spacing / 2 * (1 + 1e-6) + slack).all()
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (1000, 129), (129, 64)], ids=str)
+@pytest.mark.parametrize("fmt", ["ue8m0", "float32"])
+def test_strips_of_tile_rows_give_the_same_bytes(shape, fmt, monkeypatch):
+    """Large weights are quantized in strips of whole tile rows (fp8_block.STRIP_ELEMENTS); a tiny strip
+    size forces one tile row per strip, partial edge tiles included, and must change no byte."""
+    from pipeline.formats import fp8_block as FB
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = (torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 3).to(torch.bfloat16)
+    q, scale = FB.fp8_block_quantize(w, scale_fmt=fmt)
+    calls = []
+    real = FB._quantize
+    monkeypatch.setattr(FB, "_quantize", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(FB, "STRIP_ELEMENTS", 1)
+    q2, scale2 = FB.fp8_block_quantize(w, scale_fmt=fmt)
+    assert len(calls) == -(-shape[0] // 128)  # really in strips
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+    assert torch.equal(scale.view(torch.uint8), scale2.view(torch.uint8))

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import signal
 import socket
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -612,96 +608,6 @@ def test_unexpected_response_is_an_error():
 
 
 # ---- the run path end to end, with a fake `vllm` executable ------------------------------------------
-
-
-@pytest.fixture
-def fake_vllm_bin(tmp_path, monkeypatch) -> tuple[Path, Path]:
-    exe = tmp_path / "bin" / "vllm"
-    exe.parent.mkdir()
-    exe.write_text(
-        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-        "from harness.fake_vllm import main\nsys.exit(main())\n"
-    )
-    exe.chmod(0o755)
-    record = tmp_path / "record.json"
-    monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
-    return exe, record
-
-
-def _run_argv(ckpt, tokenizer_dir, exe, tmp_path, *more) -> list[str]:
-    return [
-        str(ckpt),
-        "--tp",
-        "4",
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--port",
-        str(free_port()),
-        "--vllm-bin",
-        str(exe),
-        "--log-file",
-        str(tmp_path / "server.log"),
-        "--health-timeout",
-        "30",
-        *more,
-    ]
-
-
-def test_run_starts_waits_smokes_and_stops(ckpt, tokenizer_dir, fake_vllm_bin, tmp_path, capsys):
-    exe, record = fake_vllm_bin
-    argv = _run_argv(ckpt, tokenizer_dir, exe, tmp_path, "--max-tokens", "7")
-    assert cli(argv) == 0
-    out = capsys.readouterr().out
-    seen = json.loads(record.read_text())
-    port = int(argv[argv.index("--port") + 1])
-    s = make(ckpt, tokenizer_dir, port=port)
-    assert seen["argv"] == ["serve", *S.vllm_args(s)]
-    assert seen["requests"] == [S.smoke_body(ckpt.name, S.SMOKE_PROMPT, 7)]
-    assert seen["stopped_by"] == "SIGTERM"
-    assert f"completion (greedy, 7 tokens, finish_reason length): {fake_vllm.CANNED_TEXT!r}" in out
-    assert "tokens/s" in out and "server stopped (exit status 0)" in out
-    with pytest.raises(ProcessLookupError):
-        os.kill(seen["pid"], 0)
-    assert "fake-vllm: listening" in (tmp_path / "server.log").read_text()
-
-
-def test_run_reports_a_crashed_server_with_its_log(ckpt, tokenizer_dir, fake_vllm_bin, tmp_path, monkeypatch):
-    exe, _ = fake_vllm_bin
-    monkeypatch.setenv("FAKE_VLLM_MODE", "crash")
-    with pytest.raises(DsV4Error, match=r"exited with status 1(.|\n)*KeyError: 'layers.0.attn.norm.weight'"):
-        cli(_run_argv(ckpt, tokenizer_dir, exe, tmp_path))
-
-
-def test_run_times_out_and_stops_the_server(ckpt, tokenizer_dir, fake_vllm_bin, tmp_path, monkeypatch):
-    exe, record = fake_vllm_bin
-    monkeypatch.setenv("FAKE_VLLM_MODE", "hang")
-    argv = _run_argv(ckpt, tokenizer_dir, exe, tmp_path)
-    argv[argv.index("--health-timeout") + 1] = "0.5"
-    with pytest.raises(DsV4Error, match=r"did not answer 200 within 0.5 s(.|\n)*fake-vllm: serve"):
-        cli(argv)
-    assert json.loads(record.read_text())["stopped_by"] == "SIGTERM"
-
-
-def test_run_keep_running_leaves_the_server_up(ckpt, tokenizer_dir, fake_vllm_bin, tmp_path, capsys):
-    exe, record = fake_vllm_bin
-    argv = _run_argv(ckpt, tokenizer_dir, exe, tmp_path, "--keep-running")
-    assert cli(argv) == 0
-    out = capsys.readouterr().out
-    pid = json.loads(record.read_text())["pid"]
-    try:
-        assert f"left running: pid {pid}" in out
-        os.kill(pid, 0)  # still there
-        assert S._get(f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/health", 5) == 200
-    finally:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                    break
-            except ChildProcessError:  # already reaped (subprocess cleans up abandoned children)
-                break
-            time.sleep(0.05)
 
 
 def test_docs_tables_are_the_code_tables():
