@@ -171,3 +171,22 @@ def test_gsm8k(node):
             "compare with the BF16 model and the experts/transcode recipes before serving it",
             pytrace=False,
         )
+
+
+# ---- recipe transcode: how much of the release transcodes exactly ------------------------------------
+
+
+def test_transcode_scan_of_the_release(source):
+    """Before choosing `dsv4 convert --experts transcode`: the fraction of the release's expert groups
+    (w1+w3 sharing m, and w2) whose block exponents fit e4m3's 17-octave window, read from the scales
+    only (`dsv4 transcode-scan`; a lower bound, see pipeline/transcode_scan.py). Informational: printed,
+    and fails only if the scan itself cannot read the release."""
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.transcode_scan import scan
+
+    report = scan(Checkpoint.open(source))
+    assert report.groups > 0
+    print(
+        f"\ntranscode-scan: {report.exact} of {report.groups} expert groups exact "
+        f"({100 * report.exact_fraction:.2f} %); worst spreads {report.worst[:3]}"
+    )
