@@ -47,6 +47,7 @@ from harness.exports import (
     _synthetic_amax,
     _weight_group,
     export_tensors,
+    modelopt_hf_quant_config,
     modelopt_quantization_config,
     to_x,
 )
@@ -160,16 +161,7 @@ def synthetic_export(out: Path, gib: float, recipe: str, seed: int = 0) -> tuple
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=4))
-    quant = config["quantization_config"]
-    hf_quant = {
-        "producer": quant["producer"],
-        "quantization": {
-            "quant_algo": "NVFP4",
-            "kv_cache_quant_algo": None,
-            "group_size": 16,
-            "exclude_modules": quant["ignore"],
-        },
-    }
+    hf_quant = modelopt_hf_quant_config(config["quantization_config"])
     (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4))
     return config, paths
 

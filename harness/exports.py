@@ -260,6 +260,20 @@ def modelopt_quantization_config(config: dict, recipe: str, dialect: str = "X") 
     }
 
 
+def modelopt_hf_quant_config(quantization_config: dict) -> dict:
+    """The hf_quant_config.json ModelOpt 0.47 writes beside an NVFP4 export with that config.json
+    quantization_config (the real micro export's, key for key)."""
+    return {
+        "producer": quantization_config["producer"],
+        "quantization": {
+            "quant_algo": "NVFP4",
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "exclude_modules": quantization_config["ignore"],
+        },
+    }
+
+
 # ---- the builder ----------------------------------------------------------------------------------
 
 
@@ -390,15 +404,7 @@ def _build(
     quant = modelopt_quantization_config(config, recipe, dialect)
     out_config = {k: copy.deepcopy(v) for k, v in config.items() if k != "quantization_config"}
     out_config["quantization_config"] = quant
-    hf_quant = {
-        "producer": quant["producer"],
-        "quantization": {
-            "quant_algo": "NVFP4",
-            "kv_cache_quant_algo": None,
-            "group_size": 16,
-            "exclude_modules": quant["ignore"],
-        },
-    }
+    hf_quant = modelopt_hf_quant_config(quant)
     out_path.mkdir(parents=True, exist_ok=True)
     save_file(dict(sorted(renamed.items())), out_path / EXPORT_NAME, metadata={"format": "pt"})
     # as ModelOpt writes them: indent 4, no newline at the end

@@ -17,7 +17,7 @@ from pipeline.slice import (
     plan_slice,
     slice_checkpoint,
 )
-from pipeline.step_options import DEFAULT_SHARD_GIB
+from pipeline.step_options import add_streaming_options, max_shard_bytes
 
 HELP = f"""\
 Cut a small checkpoint out of the DeepSeek V4 release, in the release layout (FP8 attention with UE8M0
@@ -63,27 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_EXPERTS,
         help=f"routed experts to keep per layer, the first E (default {DEFAULT_EXPERTS})",
     )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
-    )
-    mode.add_argument("--overwrite", action="store_true", help="delete a previous output in DST first")
-    p.add_argument(
-        "--max-shard-gib",
-        type=float,
-        default=DEFAULT_SHARD_GIB,
-        help=f"largest output shard, GiB of tensor data (default: {DEFAULT_SHARD_GIB:g})",
-    )
-    p.add_argument("--full-scales", action="store_true", help="validate every scale tensor, not a sample")
-    p.add_argument(
-        "--dry-run", action="store_true", help="validate and print the plan from headers; write nothing"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress lines (the summary is still printed)")
+    add_streaming_options(p, compute=False)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    max_bytes = int(args.max_shard_gib * 1024**3)
+    max_bytes = max_shard_bytes(args)
     if args.dry_run:
         from pipeline.checkpoint import Layout, ensure_valid
 

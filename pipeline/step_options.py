@@ -9,24 +9,26 @@ DEFAULT_SHARD_GIB = 5.0
 DEFAULT_SHARD_BYTES = int(DEFAULT_SHARD_GIB * 1024**3)  # a size the hub and vLLM's loader handle well
 
 
-def add_streaming_options(p: argparse.ArgumentParser) -> None:
-    """--resume/--overwrite, --device, --workers, --max-shard-gib, --full-scales, --dry-run, --quiet."""
+def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -> None:
+    """--resume/--overwrite, --max-shard-gib, --full-scales, --dry-run, --quiet; and, for steps that
+    convert tensors (``compute``), --device and --workers."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
     )
     mode.add_argument("--overwrite", action="store_true", help="delete a previous output in DST first")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="tensors converted ahead of the writer, in threads (default: 2)",
-    )
+    if compute:
+        p.add_argument(
+            "--device",
+            default="auto",
+            help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)",
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=2,
+            help="tensors converted ahead of the writer, in threads (default: 2)",
+        )
     p.add_argument(
         "--max-shard-gib",
         type=float,
