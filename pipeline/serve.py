@@ -546,6 +546,14 @@ def _architecture(ctx: CheckContext) -> str | None:
     archs = ctx.config.get("architectures") or []
     if "DeepseekV4ForCausalLM" in archs:
         return None
+    from patches.vllm_plugin import ARCHITECTURE
+
+    if ARCHITECTURE in archs:
+        return (
+            f"architectures is {archs!r}: an export opted into the dsv4 vLLM plugin (dsv4 use-plugin). dsv4 "
+            "serve serves converted checkpoints; serve this one with `vllm serve` and the flags in "
+            "docs/plugin.md, or convert it (dsv4 convert) and serve that"
+        )
     return f"architectures is {archs!r}, not DeepseekV4ForCausalLM"
 
 

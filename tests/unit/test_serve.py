@@ -632,3 +632,19 @@ def test_a_converted_checkpoint_whose_config_has_no_num_hash_layers_is_accepted(
     config["mlp_layer_types"] = ["hash_moe"] * hashed + ["moe"] * (config["num_hidden_layers"] - hashed)
     (copy / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     assert cli([str(copy), "--print", "--tp", "2", "--tokenizer", str(tokenizer_dir)]) == 0
+
+
+def test_a_plugin_opted_export_is_refused_with_the_way_to_serve_it(ckpt, tokenizer_dir, tmp_path):
+    """dsv4 serve checks for the converted layout; an export opted into the plugin (dsv4 use-plugin) is
+    served by `vllm serve` with the plugin's flags instead, and the refusal says so."""
+    import shutil
+
+    from patches.vllm_plugin import ARCHITECTURE
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["architectures"] = [ARCHITECTURE]
+    (copy / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with pytest.raises(DsV4Error, match=r"opted into the dsv4 vLLM plugin.*docs/plugin\.md"):
+        cli([str(copy), "--print", "--tp", "2", "--tokenizer", str(tokenizer_dir)])
