@@ -435,31 +435,8 @@ class CanaryStep:
     timeout: float  # seconds; an upper bound for a hang, not an estimate
 
 
-def _registered(module: str) -> bool:
-    from pipeline.cli import SUBCOMMANDS
-
-    return module in SUBCOMMANDS
-
-
-def serve_missing() -> str | None:
-    """Why `dsv4 serve` cannot run yet, or None."""
-    import importlib.util
-
-    if (
-        importlib.util.find_spec("pipeline.serve") is None
-        or importlib.util.find_spec("pipeline.serve_cmd") is None
-    ):
-        return "pipeline/serve.py (dsv4 serve) does not exist yet"
-    if not _registered("pipeline.serve_cmd"):
-        return "dsv4 serve is not listed in pipeline/cli.py SUBCOMMANDS yet"
-    return None
-
-
 def dsv4_argv(python: str, command: str, *args: str) -> list[str]:
-    """``python -m pipeline COMMAND ...``; for slice, ``python -m pipeline.slice_cmd ...`` until it is in
-    the CLI's SUBCOMMANDS."""
-    if command == "slice" and not _registered("pipeline.slice_cmd"):
-        return [python, "-m", "pipeline.slice_cmd", *args]
+    """``python -m pipeline COMMAND ...``: the dsv4 CLI of the interpreter the preflight runs in."""
     return [python, "-m", "pipeline", command, *args]
 
 

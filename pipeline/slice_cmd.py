@@ -1,10 +1,9 @@
 """`dsv4 slice RELEASE OUT --layers 2 --experts 8`: a small release-layout checkpoint cut out of the
-release (see pipeline/slice.py). Also runs alone: ``python -m pipeline.slice_cmd RELEASE OUT ...``."""
+release (see pipeline/slice.py)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline.errors import DsV4Error
 from pipeline.slice import (
@@ -88,19 +87,3 @@ def _main(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`dsv4 slice` on its own (before it is listed in pipeline.cli.SUBCOMMANDS, or without the CLI)."""
-    parser = argparse.ArgumentParser(prog="dsv4")
-    register(parser.add_subparsers())
-    args = parser.parse_args(["slice", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except DsV4Error as err:
-        print(f"dsv4: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -8,11 +8,16 @@ import json
 import pytest
 
 from pipeline.checkpoint import Checkpoint
+from pipeline.cli import main as dsv4
 from pipeline.release_layout import release_tensors
 from pipeline.slice import plan_slice
-from pipeline.slice_cmd import main as dsv4_slice
 
 pytestmark = pytest.mark.slow  # full scale: the 145,116-key replica
+
+
+def dsv4_slice(argv: list[str]) -> int:
+    return dsv4(["slice", *argv])
+
 
 # What the canary writes (measured from the plan): 2 layers + embed/head (3.7 GB of the total) + MTP.
 CANARY_BYTES = 5_839_011_696

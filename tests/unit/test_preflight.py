@@ -151,20 +151,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     """Parse a canary step's `dsv4` argv with the real parsers (the subcommand's own flag names)."""
     from pipeline.cli import build_parser
 
-    assert argv[0] == sys.executable and argv[1] == "-m"
-    if argv[2] == "pipeline.slice_cmd":
-        from pipeline import slice_cmd
-
-        parser = argparse.ArgumentParser(prog="dsv4")
-        slice_cmd.register(parser.add_subparsers())
-        return parser.parse_args(["slice", *argv[3:]])
-    assert argv[2] == "pipeline"
-    if argv[3] == "serve":
-        from pipeline import serve_cmd
-
-        parser = argparse.ArgumentParser(prog="dsv4 serve")
-        serve_cmd.add_arguments(parser)
-        return parser.parse_args(argv[4:])
+    assert argv[:3] == [sys.executable, "-m", "pipeline"]
     return build_parser().parse_args(argv[3:])
 
 
@@ -182,31 +169,6 @@ def test_every_canary_command_parses_with_the_real_cli(tmp_path):
         assert parsed["serve"].tensor_parallel_size == 8 and parsed["serve"].vllm_bin == "/srv/bin/vllm"
         assert parsed["serve"].tokenizer == "/data/release" and parsed["serve"].max_model_len == 4096
     assert sum(s.timeout for s in steps[:4]) <= 1000
-
-
-def test_slice_runs_through_the_cli_once_it_is_registered(monkeypatch):
-    import pipeline.cli
-
-    assert P.dsv4_argv("py", "slice", "a")[:3] == ["py", "-m", "pipeline.slice_cmd"] or (
-        "pipeline.slice_cmd" in pipeline.cli.SUBCOMMANDS
-    )
-    monkeypatch.setattr(pipeline.cli, "SUBCOMMANDS", (*pipeline.cli.SUBCOMMANDS, "pipeline.slice_cmd"))
-    assert P.dsv4_argv("py", "slice", "a") == ["py", "-m", "pipeline", "slice", "a"]
-
-
-def test_serve_step_is_skipped_with_a_reason_until_dsv4_serve_exists(monkeypatch):
-    import importlib.util
-
-    import pipeline.cli
-
-    present = {"pipeline.serve", "pipeline.serve_cmd"}
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in present else None)
-    monkeypatch.setattr(pipeline.cli, "SUBCOMMANDS", ("pipeline.dequant_cmd",))
-    assert P.serve_missing() == "dsv4 serve is not listed in pipeline/cli.py SUBCOMMANDS yet"
-    monkeypatch.setattr(pipeline.cli, "SUBCOMMANDS", ("pipeline.serve_cmd",))
-    assert P.serve_missing() is None
-    present.discard("pipeline.serve")
-    assert P.serve_missing() == "pipeline/serve.py (dsv4 serve) does not exist yet"
 
 
 # ---- GSM8K -----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from harness.checkpoints import tree_digest
 from harness.tiny import tiny_config
 from pipeline.checkpoint import Checkpoint, Layout, validate_checkpoint
+from pipeline.cli import main as dsv4
 from pipeline.errors import DsV4Error
 from pipeline.release_layout import ROUTED_EXPERT, release_tensors
 from pipeline.slice import (
@@ -26,9 +27,12 @@ from pipeline.slice import (
     slice_checkpoint,
     sliced_config,
 )
-from pipeline.slice_cmd import main as dsv4_slice
 
 pytestmark = pytest.mark.unit
+
+
+def dsv4_slice(argv: list[str]) -> int:
+    return dsv4(["slice", *argv])
 
 
 def raw(ck: Checkpoint, key: str) -> bytes:
