@@ -350,3 +350,31 @@ def synthetic_converted(config: Mapping, seed: int = 0) -> dict[str, torch.Tenso
         # an activation amax of a few units, / (6 * 448), as ModelOpt writes input_scale
         out[t.weight + ".input_scale"] = nvfp4_global_scale(1.0 + 4.0 * torch.rand((), generator=g))
     return out
+
+
+def micro_converted_config() -> dict:
+    """The micro tiny model's config with the mixed FP8 + NVFP4 quantization_config a converted
+    checkpoint carries (what the vLLM-view tests build checkpoints for)."""
+    from harness.tiny import tiny_config
+    from pipeline.config import MIXED_QUANT_CONFIG
+
+    config = tiny_config("micro")
+    config["quantization_config"] = dict(MIXED_QUANT_CONFIG)
+    return config
+
+
+def mismatch_w13(tensors: dict[str, torch.Tensor], config: Mapping, expert: str, seed: int) -> None:
+    """Give ``expert`` (e.g. "layers.1.ffn.experts.2") w1 and w3 their own NVFP4 global scales, w3's about
+    8x w1's (w3's weights 8x larger): the case where vLLM's w13 keeps w1's scale and computes w3 wrong."""
+    from pipeline.formats import nvfp4_quantize
+
+    rows, cols = config["moe_intermediate_size"], config["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    for proj, gain in (("w1", 1.0), ("w3", 8.0)):
+        packed, scale, ws2 = nvfp4_quantize(torch.randn((rows, cols), generator=g) * gain / math.sqrt(cols))
+        key = f"{expert}.{proj}"
+        tensors[f"{key}.weight"], tensors[f"{key}.weight_scale"], tensors[f"{key}.weight_scale_2"] = (
+            packed,
+            scale,
+            ws2,
+        )

@@ -109,7 +109,10 @@ def _main(args: argparse.Namespace) -> int:
     print("\nrecipe     KL(BF16 || converted)  top-1 agreement   (4x64 tokens; weights as vLLM loads them)")
     for name, score in scores.items():
         print(f"{name:<10} {score['kl']:21.4f}  {score['top1']:15.3f}")
-    print(f"\nserve with vLLM: {work / 'vllm-experts'} (kept with --workdir)")
+    if args.workdir:
+        print(f"\nconverted checkpoints, ready for dsv4 serve: {work}/vllm-{{experts,transcode,full}}")
+    else:
+        print("\n(pass --workdir DIR to keep every checkpoint, the converted ones included)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -142,12 +142,19 @@ def _main(args: argparse.Namespace) -> int:
     if not result.changed:
         print(f"{args.ckpt}: unchanged: already fixed for vLLM {args.target_vllm}")
         return 0
-    head = "would change" if args.dry_run else "changed"
-    print(f"{args.ckpt}: {head} for vLLM {args.target_vllm} ({len(result.changes)} changes):")
+    print_changes(args.ckpt, result, written, dry_run=args.dry_run, target=args.target_vllm)
+    return 0
+
+
+def print_changes(
+    ckpt: str | Path, result: FixResult, written: list[Path], *, dry_run: bool, target: str
+) -> None:
+    """Each change with its reason, then the files written (or that nothing was)."""
+    head = "would change" if dry_run else "changed"
+    print(f"{ckpt}: {head} for vLLM {target} ({len(result.changes)} changes):")
     for c in result.changes:
         print("  " + c.describe().replace("\n", "\n  "))
     for p in written:
         print(f"wrote {p}")
-    if args.dry_run:
+    if dry_run:
         print("dry run: nothing written")
-    return 0

@@ -878,17 +878,28 @@ def detect_dialect(keys: Iterable[str]) -> str:
 
 # ---- planning a checkpoint ---------------------------------------------------------------------
 
+
 # Target keys an H/X export cannot have, with why; plan() lists them in Plan.absent instead of failing.
-# (pattern, dialects, why); an entry whose pattern starts with "+" applies only when the export does
-# carry the MTP block (hf_ptq re-attaches it), the others when it does not.
-EXPORT_LACKS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    (
-        r"+mtp\.\d+\.ffn\.experts\.\d+\.w[123]\.input_scale",
+@dataclass(frozen=True)
+class Lack:
+    """Target keys an export of ``dialects`` may lack: ``plan`` lists them in Plan.absent with ``why``.
+    ``with_mtp``: the entry applies when the export does (True) or does not (False) carry the MTP block."""
+
+    pattern: str  # fullmatched against the target key
+    dialects: tuple[str, ...]
+    why: str
+    with_mtp: bool = False
+
+
+EXPORT_LACKS: tuple[Lack, ...] = (
+    Lack(
+        r"mtp\.\d+\.ffn\.experts\.\d+\.w[123]\.input_scale",
         ("X",),
         "no calibration reaches the MTP block (hf_ptq re-attaches it unquantized), so no activation scale: "
         "dsv4 convert gives the fallback (the largest calibrated one of the same projection)",
+        with_mtp=True,
     ),
-    (
+    Lack(
         r"mtp\.\d+\..+",
         ("H", "X"),
         "transformers' DeepseekV4ForCausalLM has no MTP module (mtp.* is in "
@@ -984,11 +995,9 @@ def plan(tensors: Iterable[Any], config: MappingABC, dialect: str | None = None)
             continue
         why = next(
             (
-                why
-                for pat, ds, why in EXPORT_LACKS
-                if dialect in ds
-                and pat.startswith("+") == has_mtp
-                and re.fullmatch(pat.removeprefix("+"), key)
+                lack.why
+                for lack in EXPORT_LACKS
+                if dialect in lack.dialects and lack.with_mtp == has_mtp and re.fullmatch(lack.pattern, key)
             ),
             None,
         )
@@ -1071,9 +1080,9 @@ def rule_table_markdown() -> str:
         "| target keys | dialects | why |",
         "|---|---|---|",
         *(
-            f"| `{_md(p.removeprefix('+'))}` | {','.join(ds)} | "
-            f"{'(when the export carries the MTP block) ' if p.startswith('+') else ''}{_md(why)} |"
-            for p, ds, why in EXPORT_LACKS
+            f"| `{_md(lack.pattern)}` | {','.join(lack.dialects)} | "
+            f"{'(when the export carries the MTP block) ' if lack.with_mtp else ''}{_md(lack.why)} |"
+            for lack in EXPORT_LACKS
         ),
         "",
     ]

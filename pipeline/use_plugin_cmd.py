@@ -20,7 +20,7 @@ from pipeline.checkpoint.writer import copy_file_atomic
 from pipeline.config import ABSENT, DEFAULT_TARGET, HF_QUANT_CONFIG, VLLM_TARGETS, Change, FixResult
 from pipeline.convert import ConvertPlan, plan_convert
 from pipeline.errors import DsV4Error
-from pipeline.fix_config_cmd import BACKUP_SUFFIX, apply
+from pipeline.fix_config_cmd import BACKUP_SUFFIX, apply, print_changes
 
 STEP = "dsv4 use-plugin"
 
@@ -174,15 +174,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{ckpt}: unchanged: config.json already names {ARCHITECTURE} for vLLM {args.target_vllm}")
         return 0
     written = [] if args.dry_run else apply(ckpt, result)
-    head = "would change" if args.dry_run else "changed"
-    print(f"{ckpt}: {head} for vLLM {args.target_vllm} ({len(result.changes)} changes):")
-    for c in result.changes:
-        print("  " + c.describe().replace("\n", "\n  "))
-    for p in written:
-        print(f"wrote {p}")
-    if args.dry_run:
-        print("dry run: nothing written")
-    else:
+    print_changes(ckpt, result, written, dry_run=args.dry_run, target=args.target_vllm)
+    if not args.dry_run:
         print(
             f"serve it with vLLM where this package is installed (entry point {ENTRY_POINT_NAME} in group "
             f"{ENTRY_POINT_GROUP}); add --tokenizer-mode deepseek_v4 and VLLM_USE_BREAKABLE_CUDAGRAPH=1 "

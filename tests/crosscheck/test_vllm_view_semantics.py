@@ -27,23 +27,23 @@ How: real code wherever it runs on a CPU, stubs only where it does not, each nam
 
 from __future__ import annotations
 
-import math
 import re
 import types
 
 import pytest
 import torch
 
-from harness.tiny import tiny_config, write_checkpoint_dir
+from harness.tiny import write_checkpoint_dir
 from harness.vllm_view import (
     MissingKeyError,
     UnexpectedKeyError,
     VllmLoadError,
     effective_weights,
+    micro_converted_config,
+    mismatch_w13,
     synthetic_converted,
 )
-from pipeline.config import MIXED_QUANT_CONFIG
-from pipeline.formats import nvfp4_global_scale, nvfp4_quantize
+from pipeline.formats import nvfp4_global_scale
 
 pytestmark = pytest.mark.vllm
 
@@ -53,21 +53,14 @@ WARNING = "w1_weight_scale_2 must match w3_weight_scale_2"
 
 
 def _config() -> dict:
-    config = tiny_config("micro")
-    config["quantization_config"] = dict(MIXED_QUANT_CONFIG)
-    return config
+    return micro_converted_config()
 
 
 @pytest.fixture(scope="module")
 def tensors() -> dict[str, torch.Tensor]:
     config = _config()
     out = synthetic_converted(config, seed=1)
-    rows, cols = config["moe_intermediate_size"], config["hidden_size"]
-    g = torch.Generator().manual_seed(3)
-    for proj, gain in (("w1", 1.0), ("w3", 8.0)):
-        packed, scale, ws2 = nvfp4_quantize(torch.randn((rows, cols), generator=g) * gain / math.sqrt(cols))
-        key = f"{CRAFTED}.{proj}"
-        out[f"{key}.weight"], out[f"{key}.weight_scale"], out[f"{key}.weight_scale_2"] = packed, scale, ws2
+    mismatch_w13(out, config, CRAFTED, seed=3)  # w3's weight_scale_2 ~8x w1's
     out[f"{CRAFTED}.w3.input_scale"] = nvfp4_global_scale(9.0)  # the layer's largest
     return out
 

@@ -85,20 +85,19 @@ KILLER = textwrap.dedent(
 )
 
 
-def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_release, tmp_path):
-    dequantize_checkpoint(
-        tiny_release, tmp_path / "reference", progress=False, max_shard_bytes=int(0.001 * 1024**3)
-    )
-    shards = sorted(p.name for p in (tmp_path / "reference").glob("*.safetensors"))
+def _victim(reference: Path) -> tuple[list[str], str]:
+    """(the reference run's shard names, the first key of its second-to-last shard): the tensor to
+    block on, so that the kill lands with a shard finished before it and one half written."""
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
     assert len(shards) >= 3
-    # block while producing a tensor of the second-to-last output shard
-    index = json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())["weight_map"]
-    victim = sorted(k for k, shard in index.items() if shard == shards[-2])[0]
-    out, ready = tmp_path / "out", tmp_path / "ready"
+    index = json.loads((reference / "model.safetensors.index.json").read_text())["weight_map"]
+    return shards, sorted(k for k, shard in index.items() if shard == shards[-2])[0]
+
+
+def _kill_9_when_ready(killer: str, args: list[str], ready: Path) -> None:
+    """Run ``killer`` (a python -c script that touches ``ready`` and blocks) and SIGKILL it once it is."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLER, str(tiny_release), str(out), str(ready), victim],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", killer, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     deadline = time.monotonic() + 120
     while not ready.exists():
@@ -107,6 +106,15 @@ def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_release, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_release, tmp_path):
+    dequantize_checkpoint(
+        tiny_release, tmp_path / "reference", progress=False, max_shard_bytes=int(0.001 * 1024**3)
+    )
+    shards, victim = _victim(tmp_path / "reference")
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    _kill_9_when_ready(KILLER, [str(tiny_release), str(out), str(ready), victim], ready)
     # nothing looks complete: no index, the victim's shard not under its final name
     assert not (out / "model.safetensors.index.json").exists()
     assert not (out / shards[-2]).exists()
@@ -148,23 +156,9 @@ def test_convert_kill_9_mid_run_then_resume_is_byte_identical(exports, tmp_path)
     before = tree_digest(export)
     max_bytes = int(0.0003 * 1024**3)
     convert_checkpoint(export, tmp_path / "reference", progress=False, max_shard_bytes=max_bytes)
-    shards = sorted(p.name for p in (tmp_path / "reference").glob("*.safetensors"))
-    assert len(shards) >= 3
-    index = json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())["weight_map"]
-    victim = sorted(k for k, shard in index.items() if shard == shards[-2])[0]
+    shards, victim = _victim(tmp_path / "reference")
     out, ready = tmp_path / "out", tmp_path / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CONVERT_KILLER, str(export), str(out), str(ready), victim],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None, "convert ended before reaching the chosen tensor"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_9_when_ready(CONVERT_KILLER, [str(export), str(out), str(ready), victim], ready)
     assert not (out / "model.safetensors.index.json").exists()
     assert not (out / shards[-2]).exists()
     assert shards[0] in json.loads((out / JOURNAL_NAME).read_text())["finished"]

@@ -11,14 +11,13 @@ tests/crosscheck/test_vllm_view_semantics.py.
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from harness.tiny import tiny_config, write_checkpoint_dir
+from harness.tiny import write_checkpoint_dir
 from harness.vllm_view import (
     KeyMismatchError,
     MissingKeyError,
@@ -26,11 +25,12 @@ from harness.vllm_view import (
     UnexpectedKeyError,
     VllmLoadError,
     effective_weights,
+    micro_converted_config,
+    mismatch_w13,
     synthetic_converted,
     write_effective_checkpoint,
 )
-from pipeline.config import MIXED_QUANT_CONFIG
-from pipeline.formats import e2m1_decode, nvfp4_global_scale, nvfp4_quantize, unpack_nibbles
+from pipeline.formats import e2m1_decode, nvfp4_global_scale, unpack_nibbles
 from pipeline.mapping import target_layout
 from pipeline.release_layout import FP8
 
@@ -41,22 +41,14 @@ A13 = 9.0 / 2688  # the crafted w3 input_scale: above every synthetic one (at mo
 
 
 def _config() -> dict:
-    config = tiny_config("micro")
-    config["quantization_config"] = dict(MIXED_QUANT_CONFIG)
-    return config
+    return micro_converted_config()
 
 
 @pytest.fixture(scope="module")
 def tensors() -> dict[str, torch.Tensor]:
     config = _config()
     out = synthetic_converted(config, seed=0)
-    rows, cols = config["moe_intermediate_size"], config["hidden_size"]
-    g = torch.Generator().manual_seed(7)
-    for proj, gain in (("w1", 1.0), ("w3", 8.0)):  # w3 8x larger: its own weight_scale_2 is ~8x w1's
-        w = torch.randn((rows, cols), generator=g) * gain / math.sqrt(cols)
-        packed, scale, ws2 = nvfp4_quantize(w)
-        key = f"{CRAFTED}.{proj}"
-        out[f"{key}.weight"], out[f"{key}.weight_scale"], out[f"{key}.weight_scale_2"] = packed, scale, ws2
+    mismatch_w13(out, config, CRAFTED, seed=7)  # w3's weight_scale_2 ~8x w1's
     out[f"{CRAFTED}.w1.input_scale"] = nvfp4_global_scale(2.0)
     out[f"{CRAFTED}.w3.input_scale"] = torch.tensor(A13, dtype=torch.float32)
     return out
