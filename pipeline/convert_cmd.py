@@ -24,8 +24,9 @@ routed experts are transcoded from MXFP4 (exactly where their exponents fit). Wi
 no MTP block (transformers has none) and the output declares num_nextn_predict_layers 0.
 
 --experts transcode (with --graft-from) takes the routed experts' weights from the release instead: the
-MXFP4 E2M1 bytes unchanged, power-of-two NVFP4 scales, bit-exact where a tensor's block exponents span at
-most 17 octaves (`dsv4 transcode-scan RELEASE` says how many do); only the activation scales come from
+MXFP4 E2M1 bytes unchanged, power-of-two NVFP4 scales, bit-exact where an expert's w1+w3 block exponents
+together (they share weight_scale_2; w2's alone) span at most 17 octaves (`dsv4 transcode-scan RELEASE`
+says how many do); only the activation scales come from
 the export's calibration. Quantizing the BF16 copy (the experts recipe) re-rounds every block instead.
 
 Where an expert's w1 and w3 have different weight_scale_2 (vLLM keeps w1's for the fused w13), both get

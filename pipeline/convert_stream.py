@@ -44,6 +44,7 @@ import torch
 
 from pipeline import mapping as M
 from pipeline.checkpoint import TensorInfo, from_torch
+from pipeline.checkpoint.validate import value_problem
 from pipeline.config import layout_config
 from pipeline.convert import _EXPERT_SIBLING, RUNNERS, Job, RunStats
 from pipeline.errors import DsV4Error
@@ -220,7 +221,10 @@ class StreamConverter:
     # ---- running jobs -----------------------------------------------------------------------------
 
     def _run(self, job: Job, tensors: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        out = RUNNERS[job.action](job, tensors, self.device, self.stats)
+        try:
+            out = RUNNERS[job.action](job, tensors, self.device, self.stats)
+        except ValueError as err:  # a value the action cannot take (a NaN BF16 weight, an overflow)
+            raise StreamConvertError(f"{job.name}: cannot {job.action}: {err}") from err
         if len(out) != len(job.outputs):  # pragma: no cover - a bug in a runner
             raise AssertionError(f"{job.name}: {len(out)} tensors for {len(job.outputs)} outputs")
         for key, t in zip(job.outputs, out, strict=True):
@@ -247,6 +251,9 @@ class StreamConverter:
             raise StreamConvertError(f"{name}: the stream was already finished")
         self._inputs += 1
         m = self._map(name, tensor)
+        problem = value_problem(name, tensor)  # as dsv4 convert checks every scale and FP8 weight it reads
+        if problem:
+            raise StreamConvertError(f"{name}: {problem}; the export is damaged (re-export it)")
         sib = _EXPERT_SIBLING.match(m.target)
         if sib is not None and ROUTED_EXPERT.match(sib["module"]):
             self._seen_experts.add(sib["module"].rsplit(".", 1)[0])

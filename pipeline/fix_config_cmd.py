@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from pipeline.checkpoint.reader import INDEX_NAME, read_header, read_index, read_json_object
@@ -58,15 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_json(path: Path, what: str) -> dict:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DsV4Error(f"{path}: no {what} there")
-    return read_json_object(path)
+    return read_json_object(path)  # refuses anything but a regular file (a FIFO would hang the read)
 
 
 def tensor_keys(ckpt: Path) -> list[str] | None:
     """Every tensor key, from the index or a single shard's header; None if the directory has neither."""
     index = ckpt / INDEX_NAME
-    if index.is_file():
+    if os.path.lexists(index):
         return list(read_index(index))
     shards = sorted(ckpt.glob("*.safetensors"))
     if len(shards) == 1:

@@ -49,7 +49,7 @@ from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import DsV4Error
+from pipeline.errors import DsV4Error, one_line
 from pipeline.release_layout import FP8, MXFP4, PLAIN, TensorSpec, release_weights, scale_key
 
 DIALECTS: dict[str, str] = {
@@ -1010,8 +1010,8 @@ def plan(tensors: Iterable[Any], config: MappingABC, dialect: str | None = None)
         problems.append(f"{len(missing)} target key(s) no source key writes: {shown}")
     if problems:
         raise MappingError(
-            f"cannot plan the conversion of {len(triples)} dialect-{dialect} tensors: {len(problems)} problem(s):\n  "
-            + "\n  ".join(problems)
+            f"cannot plan the conversion of {len(triples)} dialect-{dialect} tensors: "
+            + one_line(problems, show=len(problems))
         )
     return Plan(dialect, mappings, absent, layout)
 

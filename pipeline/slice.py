@@ -68,7 +68,8 @@ from pipeline.checkpoint import (
     read_tensor,
     write_checkpoint,
 )
-from pipeline.errors import DsV4Error
+from pipeline.checkpoint.validate import check_read_values
+from pipeline.errors import DsV4Error, one_line
 from pipeline.progress import Progress
 from pipeline.provenance import code_digest
 from pipeline.release_layout import ROUTED_EXPERT, compress_ratio, release_tensors
@@ -328,10 +329,7 @@ def plan_slice(
         f"{k}: not in the release layout of the source's config; {STEP} cannot slice it" for k in unknown[:10]
     ]
     if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DsV4Error(
-            f"{ckpt.root}: cannot slice, {len(problems)} problem(s):\n  " + "\n  ".join(problems[:10]) + more
-        )
+        raise DsV4Error(f"{ckpt.root}: cannot slice: {one_line(problems, show=3)}")
     remapped: dict[str, torch.Tensor] = {}
     rerouted: dict[str, int] = {}
     for key, src in sources.items():
@@ -361,6 +359,7 @@ def produce_tensor(plan: SlicePlan, key: str) -> torch.Tensor:
     t = read_tensor(src.info)
     if src.action == "rows":
         t = t[: plan.experts].contiguous()
+    check_read_values(src.info, t)  # what is copied on: a NaN scale or weight stops here, named
     return t
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from pipeline.checkpoint import Checkpoint, Layout, ensure_valid, read_tensor
+from pipeline.checkpoint.validate import check_read_values
 from pipeline.formats.transcode import WINDOW
 from pipeline.release_layout import (
     MXFP4,
@@ -67,7 +68,11 @@ def scan(ckpt: Checkpoint, sample: int | None = None, keep_worst: int = 10) -> S
         names = [names[int(i * stride)] for i in range(sample)]
     report = ScanReport()
     for name in names:
-        exps = [read_tensor(ckpt.tensors[k]).view(torch.uint8) for k in groups[name]]
+        exps = []
+        for k in groups[name]:
+            scale = read_tensor(ckpt.tensors[k])
+            check_read_values(ckpt.tensors[k], scale)  # UE8M0 0xFF is NaN: no octave count means anything
+            exps.append(scale.view(torch.uint8))
         lo = min(int(e.min()) for e in exps)
         hi = max(int(e.max()) for e in exps)
         spread = hi - lo

@@ -15,13 +15,18 @@ HELP = "check a checkpoint's shards, index, scales and config (exit 1 if invalid
 DESCRIPTION = """\
 Check a sharded safetensors checkpoint without loading it:
 
-  * every index entry points at an existing shard that holds it; no key in two shards;
-  * each shard's header agrees with its file size (truncated shards), header JSON parses;
+  * shards, index and config.json are regular files (a FIFO is refused, never opened);
+  * every index entry names a shard in the checkpoint's top folder (no absolute path, no .., no
+    subfolder: vLLM only looks there) that exists and holds it; no key in two shards;
+  * each shard's header agrees with its file size (truncated shards), header JSON parses, no key
+    appears twice in it;
   * every quantized weight has its scale siblings with the right dtype and shape
     (FP8 .scale per 128x128 tile, MXFP4 .scale per 32 inputs, NVFP4 .weight_scale per 16 inputs,
     .weight_scale_2 and .input_scale F32 scalars);
   * scales are finite and positive (a deterministic sample; all with --full-scales);
-  * config.json agrees with the tensors (layers, experts, hash layers, compress_ratios).
+  * config.json agrees with the tensors (layers, experts, hash layers, compress_ratios; FP8/MXFP4
+    tensors need the release's quantization_config, quant_method fp8; NVFP4 tensors one of ModelOpt's
+    or the mixed layout's, if any).
 
 All problems are listed, each with its file and key. Exit status: 0 valid, 1 invalid, 2 unusable input.
 """

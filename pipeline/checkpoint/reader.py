@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,11 +70,65 @@ class ShardHeader:
         return self.file_size - self.data_start
 
 
+# What a non-regular file is, for the message that refuses it (stat's S_IS* predicates, in order).
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait forever for a writer"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def regular_file_size(path: str | os.PathLike, what: str = "file") -> int:
+    """The size of ``path`` if it is a regular file (after following symlinks); DsV4Error otherwise.
+
+    Every checkpoint file the pipeline opens for reading (shards, the index, config.json and its JSON
+    siblings) is checked here first: opening a FIFO blocks until something writes to it, so a shard that
+    is one would hang every command. os.stat does not open the file, so it cannot block.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DsV4Error(f"{path}: no such file") from None
+    except OSError as err:
+        raise DsV4Error(f"{path}: cannot read: {err.strerror or err}") from err
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((text for test, text in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise DsV4Error(f"{path}: the {what} is {kind}; replace it with a regular file")
+    return st.st_size
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why an index's weight_map value cannot name a shard, or None if it is a plain file name.
+
+    vLLM loads the ``*.safetensors`` files of the checkpoint's top folder, so a shard must be a file
+    name there: no absolute path, no ``..``, no subfolder. Anything else is refused before it is opened
+    (a ``../elsewhere/x.safetensors`` would read, and vouch for, a file outside the checkpoint).
+    A symlink with a plain name is followed: a checkpoint may be a folder of links into a Hugging Face
+    cache (``snapshots/<rev>/x.safetensors -> ../../blobs/<hash>``), which vLLM reads the same way;
+    :func:`regular_file_size` still requires the link's target to be a regular file.
+    """
+    if not name or name in (".", ".."):
+        return f"names {name!r}, which is not a file name"
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
+        return f"names the absolute path {name!r}, outside the checkpoint folder"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return f"names {name!r}, outside the checkpoint folder"
+    if len(parts) > 1:
+        return (
+            f"names {name!r}, in a subfolder: vLLM only looks at the checkpoint's top folder; "
+            "put the shard there and name it by its file name"
+        )
+    return None
+
+
 def read_header(path: str | os.PathLike) -> ShardHeader:
     """Parse one shard's header and check it against the file size; DsV4Error naming the file (and key)."""
     path = Path(path)
+    size = regular_file_size(path, "shard")
     try:
-        size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -93,7 +148,41 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         raise DsV4Error(f"{path}: corrupt header JSON: {err}") from None
     if not isinstance(header, dict):
         raise DsV4Error(f"{path}: header JSON is a {type(header).__name__}, expected an object")
+    if _may_repeat_a_key(raw, header):
+        _raise_on_duplicate_keys(path, raw)
     return _parse_header(path, n, size, header)
+
+
+_ENTRY_FIELDS = (b'"dtype"', b'"shape"', b'"data_offsets"')
+
+
+def _may_repeat_a_key(raw: bytes, header: dict) -> bool:
+    """Whether the header text may hold a key twice, which json.loads hides by keeping the last one.
+
+    Each tensor entry spells each field name once, so a key written twice shows as more field names in
+    the text than entries in the parsed dict. Counting bytes costs ~1 % of the parse; parsing with an
+    object_pairs_hook on every header would cost ~50 % more (a 2 MB header: 20 ms -> 30 ms). A key or a
+    metadata value that happens to spell a field name only costs the slow check, which finds nothing.
+    """
+    entries = len(header) - ("__metadata__" in header)
+    return raw.count(b'"__metadata__"') > 1 or any(raw.count(f) != entries for f in _ENTRY_FIELDS)
+
+
+def _raise_on_duplicate_keys(path: Path, raw: bytes) -> None:
+    """Parse again, keeping every pair, and name the first key written twice in any object."""
+
+    def pairs_hook(pairs: list[tuple[str, object]]) -> dict:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DsV4Error(
+                    f"{path}: key {key} appears twice in the header (readers keep one of the two "
+                    "silently); re-export the shard"
+                )
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(raw.decode("utf-8"), object_pairs_hook=pairs_hook)
 
 
 def _parse_header(path: Path, n: int, size: int, header: dict) -> ShardHeader:
@@ -164,6 +253,7 @@ def read_json_object(path: str | os.PathLike) -> dict:
     """A JSON object from a file; DsV4Error naming the file when it is unreadable, not JSON, or not an
     object. Every JSON file the pipeline reads (index, config, hf_quant_config) goes through here."""
     path = Path(path)
+    regular_file_size(path, f"{path.name} file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
@@ -182,6 +272,11 @@ def read_index(path: str | os.PathLike) -> dict[str, str]:
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise DsV4Error(f"{path}: no weight_map object mapping keys to shard file names")
+    bad = {name: why for name in set(wm.values()) if (why := shard_name_problem(name))}
+    if bad:
+        key, name = min((k, v) for k, v in wm.items() if v in bad)
+        others = f" ({len(bad) - 1} more such shard name(s))" if len(bad) > 1 else ""
+        raise DsV4Error(f"{path}: key {key}: weight_map {bad[name]}{others}")
     return wm
 
 
@@ -282,6 +377,8 @@ def locate_with_index(path: str | os.PathLike) -> tuple[Path, Path | None, list[
     p = Path(path)
     if not p.exists():
         raise DsV4Error(f"{p}: no such file or directory")
+    if not p.is_dir():
+        regular_file_size(p, "checkpoint file")
     if p.is_file() and p.name.endswith(".safetensors"):
         return p.parent, None, [p], None
     idx = p if p.is_file() and p.name.endswith(".json") else p / INDEX_NAME if p.is_dir() else None
@@ -289,9 +386,11 @@ def locate_with_index(path: str | os.PathLike) -> tuple[Path, Path | None, list[
         wm = read_index(idx)
         return idx.parent, idx, [idx.parent / n for n in sorted(set(wm.values()))], wm
     if p.is_dir():
-        files = sorted(q for q in p.glob("*.safetensors") if q.is_file())
+        files = sorted(p.glob("*.safetensors"))
         if not files:
             raise DsV4Error(f"{p}: no {INDEX_NAME} and no *.safetensors files")
+        for q in files:  # a FIFO or folder named like a shard is refused, not skipped
+            regular_file_size(q, "shard")
         return p, None, files, None
     raise DsV4Error(f"{p}: expected a checkpoint directory, an index .json or a .safetensors file")
 
@@ -299,4 +398,4 @@ def locate_with_index(path: str | os.PathLike) -> tuple[Path, Path | None, list[
 def read_config(root: Path) -> dict | None:
     """config.json of a checkpoint directory, or None if it has none; DsV4Error if it is corrupt."""
     path = Path(root) / CONFIG_NAME
-    return read_json_object(path) if path.exists() else None
+    return read_json_object(path) if os.path.lexists(path) else None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import DsV4Error
+from pipeline.errors import DsV4Error, one_line
 
 from .layout import FP8_SCALE_SUFFIXES, Layout, LayoutInfo, classify_layout, layout_mismatch
 from .reader import (
@@ -32,6 +32,13 @@ from .reader import (
     read_tensor,
 )
 
+# The quant_method values for which vLLM builds DeepseekV4FP8Config, the config that reads the release's
+# FP8 block weights and MXFP4 experts (vllm/models/deepseek_v4 override_quantization_method).
+RELEASE_QUANT_METHODS = ("fp8", "deepseek_v4_fp8")
+# ... and for NVFP4 tensors: ModelOpt's own export ('modelopt'; 'modelopt_fp4' in older exports), or the
+# mixed layout `dsv4 convert` writes (quant_method fp8 + moe_quant_algo NVFP4, read by the same config).
+# Absent is allowed there: an export from before ModelOpt wrote config.json's block has hf_quant_config.json.
+NVFP4_QUANT_METHODS = ("modelopt", "modelopt_fp4", *RELEASE_QUANT_METHODS)
 DEFAULT_SAMPLE = 128  # scale tensors read by default; --full-scales reads all (~24 GiB on the release)
 MXFP4_BLOCK = 32
 NVFP4_BLOCK = 16
@@ -73,16 +80,12 @@ class ValidationReport:
         d["ok"] = self.ok
         return d
 
-    def raise_if_invalid(self, limit: int = 10) -> None:
+    def raise_if_invalid(self) -> None:
         if self.ok:
             return
-        lines = [str(p) for p in self.problems[:limit]]
-        more = len(self.problems) - limit
-        tail = f"\n  ... and {more} more (run `dsv4 validate {self.path}`)" if more > 0 else ""
+        listing = f"`dsv4 validate {self.path}` lists them"
         raise DsV4Error(
-            f"{self.path}: invalid checkpoint, {len(self.problems)} problem(s):\n  "
-            + "\n  ".join(lines)
-            + tail
+            f"{self.path}: invalid checkpoint: {one_line([str(p) for p in self.problems], listing=listing)}"
         )
 
 
@@ -168,6 +171,10 @@ def validate_checkpoint(
 
     info: LayoutInfo = classify_layout(tensors)
     report.layout, report.layout_evidence = info.layout.value, info.evidence
+    if info.layout is Layout.RELEASE:
+        _check_quant_config(report, root / CONFIG_NAME, config, info)
+    elif info.layout is Layout.NVFP4:
+        _check_nvfp4_quant_method(report, root / CONFIG_NAME, config, info)
     if expect is not None:
         msg = layout_mismatch(info, expect, step)
         if msg:
@@ -186,6 +193,60 @@ def ensure_valid(path: str | Path, *, expect: Layout | None = None, step: str = 
 def _done(report: ValidationReport, t0: float) -> ValidationReport:
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
+
+
+def _check_quant_config(
+    report: ValidationReport, cfg_path: Path, config: dict | None, info: LayoutInfo
+) -> None:
+    """The release layout's tensors (FP8 block weights, MXFP4 experts) need a quantization_config that
+    says so; vLLM builds its layers from the config, not from the tensors' dtypes, so any other method
+    loads them as something they are not."""
+    if config is None:
+        return  # reported as a missing config.json
+    qc = config.get("quantization_config")
+    why = f"the tensors are FP8/MXFP4 ({info.evidence}); set it as the release's config.json has it"
+    if not isinstance(qc, dict):
+        what = "missing" if qc is None else f"{type(qc).__name__} {qc!r}, not an object"
+        report.add(cfg_path, "quantization_config", f"{what}: {why}")
+        return
+    method = qc.get("quant_method")
+    if method not in RELEASE_QUANT_METHODS:
+        report.add(
+            cfg_path,
+            "quantization_config.quant_method",
+            f"is {method!r}, expected {' or '.join(map(repr, RELEASE_QUANT_METHODS))}: {why}",
+        )
+    bs = qc.get("weight_block_size")
+    if bs is not None and _parse_block_size(bs) is None:
+        report.add(
+            cfg_path,
+            "quantization_config.weight_block_size",
+            f"is {bs!r}, expected two positive integers such as [128, 128]",
+        )
+
+
+def _check_nvfp4_quant_method(
+    report: ValidationReport, cfg_path: Path, config: dict | None, info: LayoutInfo
+) -> None:
+    """NVFP4 tensors under another quant_method (bitsandbytes, gptq...): vLLM would build those layers
+    and load the NVFP4 bytes into them; convert and use-plugin would carry the wrong block on."""
+    qc = (config or {}).get("quantization_config")
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in NVFP4_QUANT_METHODS:
+        report.add(
+            cfg_path,
+            "quantization_config.quant_method",
+            f"is {method!r}, expected one of {', '.join(map(repr, NVFP4_QUANT_METHODS))}: the tensors are "
+            f"NVFP4 ({info.evidence}); restore the config.json the export was written with",
+        )
+
+
+def _parse_block_size(bs: object) -> tuple[int, int] | None:
+    if isinstance(bs, list) and len(bs) == 2 and all(type(b) is int and b > 0 for b in bs):
+        return bs[0], bs[1]
+    return None
 
 
 def _block_size(config: dict | None) -> tuple[int, int]:
@@ -328,23 +389,81 @@ def _check_scale_values(report, tensors, full: bool, sample_size: int) -> None:
 
 
 def _bad_scale(t: torch.Tensor) -> str | None:
-    """Why a scale tensor is not all finite and positive, or None. Works on the bytes with numpy."""
+    """Why a scale tensor is not all finite and positive, or None.
+
+    One torch pass over the bytes where the scale is (a step checks every scale it reads, on the GPU
+    when it computes there); only a bad tensor is looked at again, on the CPU, to say what is wrong.
+    """
     if t.numel() == 0:
         return None
-    if t.dtype in (torch.float8_e8m0fnu, torch.float8_e4m3fn):
-        b = t.reshape(-1).view(torch.uint8).numpy()
-        if t.dtype == torch.float8_e8m0fnu:
-            checks = [(b == 0xFF, "NaN (byte 0xFF)")]
-        else:
-            m = b & 0x7F
-            checks = [(m == 0x7F, "NaN"), (m == 0, "zero"), (b >= 0x80, "negative")]
+    flat = t.reshape(-1)
+    if t.dtype == torch.float8_e8m0fnu:
+        bad = flat.view(torch.uint8) == 0xFF
+    elif t.dtype == torch.float8_e4m3fn:
+        # bytes 0x00 (zero), 0x7F (NaN) and 0x80.. (negative, -0, -NaN) are 0xFF, 0x7E and >= 0x7F
+        # after subtracting 1 in uint8 (it wraps): one comparison finds all three
+        bad = flat.view(torch.uint8) - 1 >= 0x7E
+    else:
+        f = flat.float()
+        bad = ~((f > 0) & (f < float("inf")))
+    return _scale_detail(t.cpu()) if bool(bad.any()) else None
+
+
+def _scale_detail(t: torch.Tensor) -> str:
+    b = t.reshape(-1).view(torch.uint8).numpy() if t.dtype.itemsize == 1 else None
+    if t.dtype == torch.float8_e8m0fnu:
+        checks = [(b == 0xFF, "NaN (byte 0xFF)")]
+    elif t.dtype == torch.float8_e4m3fn:
+        m = b & 0x7F
+        checks = [(m == 0x7F, "NaN"), (m == 0, "zero"), (b >= 0x80, "negative")]
     else:
         f = t.reshape(-1).float().numpy()
         checks = [(~np.isfinite(f), "not finite"), (f <= 0, "not positive")]
-    for mask, what in checks:
-        if mask.any():
-            return f"scale is {what} at flat index {int(mask.argmax())} ({int(mask.sum())} such value(s))"
+    mask, what = next((mask, what) for mask, what in checks if mask.any())
+    return f"scale is {what} at flat index {int(mask.argmax())} ({int(mask.sum())} such value(s))"
+
+
+def _fp8_nan(t: torch.Tensor) -> str | None:
+    """Why an F8_E4M3 weight is unusable (it holds NaN: byte 0x7F or 0xFF), or None. One pass over the
+    bytes; a step that reads the weight pays it once (a few percent of reading it from disk)."""
+    bad = (t.reshape(-1).view(torch.uint8) | 0x80) == 0xFF
+    if not bool(bad.any()):
+        return None
+    bad = bad.cpu()
+    return (
+        f"F8_E4M3 weight holds NaN at flat index {int(bad.int().argmax())} ({int(bad.sum())} such value(s))"
+    )
+
+
+def is_block_scale_key(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``key`` names a quantization scale, from its name and shape alone (no siblings needed):
+    a 1-D ``.scale`` is a parameter of its own (the hyper-connections' ``attn_hc.scale``), see
+    :func:`_is_block_scale`; every block scale is at least 2-D."""
+    return key.endswith(SCALE_SUFFIXES) and not (key.endswith(".scale") and len(shape) < 2)
+
+
+def value_problem(key: str, t: torch.Tensor) -> str | None:
+    """Why a tensor a step has just read holds values no output may carry, or None: a scale that is not
+    finite and positive, an F8_E4M3 weight with NaN. Other tensors are not looked at."""
+    if is_block_scale_key(key, tuple(t.shape)):
+        return _bad_scale(t)
+    if t.dtype == torch.float8_e4m3fn:
+        return _fp8_nan(t)
     return None
+
+
+def check_read_values(info: TensorInfo, t: torch.Tensor) -> None:
+    """Raise DsV4Error naming ``info``'s file and key if :func:`value_problem` finds one.
+
+    Validation reads a sample of the scales (all with --full-scales); the steps read every one anyway, so
+    each is checked where it is read, before anything made from it is written: a bad value in a tensor
+    the sample missed stops the step with the file and key instead of a NaN output or a traceback.
+    """
+    msg = value_problem(info.key, t)
+    if msg:
+        raise DsV4Error(
+            f"{info.file}: key {info.key}: {msg}; the checkpoint is damaged (re-download or re-export it)"
+        )
 
 
 _LAYER_RE = re.compile(r"^(?:model\.)?(layers|mtp)\.(\d+)\.(.+)$")

@@ -4,8 +4,10 @@ MXFP4 stores E2M1 codes with one UE8M0 scale 2^k per 32 inputs; NVFP4 stores the
 e4m3 scale per 16 inputs times one float32 per tensor. Taking weight_scale_2 = 2^m and giving both
 16-halves of a 32-block the e4m3 scale 2^(k-m) reproduces every value exactly, packed bytes unchanged,
 as long as 2^(k-m) is a power of two e4m3 holds: k - m in [-9, 8] (2^-9 is e4m3's smallest subnormal,
-2^8 its largest power of two). So a tensor transcodes exactly when its nonzero blocks' exponents span
-at most 17 octaves.
+2^8 its largest power of two). So a tensor with its own m transcodes exactly when its nonzero blocks'
+exponents span at most 17 octaves. An expert's w1 and w3 share m (below), so for them the span is taken
+over both tensors together: a w1 that spans 17 octaves alone is still re-encoded in part when w3's top
+block lies higher.
 
 Choice of m: m = k_max - 8, the largest block exponent at e4m3's largest power of two. A smaller m
 would overflow the top block's scale; a larger one only narrows the window below. So it is the m that
@@ -99,23 +101,21 @@ def mxfp4_to_nvfp4(
 
     out = packed.view(torch.uint8).clone()
     max_err, err_sq = 0.0, 0.0
+    # [..., blocks, 32]: the MXFP4 values, block by block
+    values = decode_packed(packed).unflatten(-1, (-1, MXFP4_BLOCK)) * torch.exp2(k.float()).unsqueeze(-1)
     if bool(below.any()):
         # re-encode only the blocks below the window: value / (2^-9 * 2^m), E2M1 round half to even
-        values = decode_packed(packed).unflatten(-1, (-1, MXFP4_BLOCK)) * torch.exp2(k.float()).unsqueeze(-1)
         step = 2.0 ** (E4M3_MIN_POW2 + m)
         codes = unpack_nibbles(out).unflatten(-1, (-1, MXFP4_BLOCK))
-        new = e2m1_encode(values[below] / step)
+        old_values = values[below]  # [n, 32]: the n blocks below the window
+        new = e2m1_encode(old_values / step)  # [n, 32] codes
         codes[below] = new
         out = pack_nibbles(codes.flatten(-2))
-        err = decode_packed(pack_nibbles(new)).unflatten(-1, (-1, MXFP4_BLOCK)) * step - values[below]
+        # [n, 32] - [n, 32], element by element: memory linear in n
+        err = decode_packed(pack_nibbles(new)) * step - old_values
         max_err = float(err.abs().max())
         err_sq = float(err.double().pow(2).sum())
-    total_sq = float(
-        (decode_packed(packed).unflatten(-1, (-1, MXFP4_BLOCK)) * torch.exp2(k.float()).unsqueeze(-1))
-        .double()
-        .pow(2)
-        .sum()
-    )
+    total_sq = float(values.double().pow(2).sum())
     report = TranscodeReport(
         m=int(m),
         blocks=int(k.numel()),
