@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.errors import DsV4Error
 
-class PatchTargetError(RuntimeError):
-    """A declared patch target is missing or has another signature in the installed ModelOpt."""
+
+class PatchTargetError(DsV4Error):
+    """A declared patch target is missing or has another signature in the installed ModelOpt: a refusal
+    like any other (the CLI prints it as one line and exits 2), raised before anything long starts."""
 
 
 @dataclass(frozen=True)
@@ -166,21 +169,36 @@ PATCHES: tuple[Patch, ...] = (
 )
 
 
-def check_targets(patches: tuple[Patch, ...] = PATCHES) -> None:
-    """Resolve every target and compare signatures; raise PatchTargetError listing every mismatch."""
+def installed_modelopt_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nvidia-modelopt")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def check_targets(patches: tuple[Patch, ...] | None = None) -> None:
+    """Resolve every target and compare signatures; raise PatchTargetError, one line naming every
+    mismatch and the installed ModelOpt version. ``None``: PATCHES as it is at call time."""
     problems = []
-    for patch in patches:
+    for patch in PATCHES if patches is None else patches:
         try:
             patch.check()
         except PatchTargetError as err:
             problems.append(str(err))
     if problems:
-        raise PatchTargetError("ModelOpt patch targets do not match:\n  " + "\n  ".join(problems))
+        raise PatchTargetError(
+            f"installed nvidia-modelopt {installed_modelopt_version()} does not match "
+            f"patches/modelopt_patches.py: {'; '.join(problems)}"
+        )
 
 
 @contextlib.contextmanager
-def applied(patches: tuple[Patch, ...] = PATCHES) -> Iterator[tuple[Patch, ...]]:
-    """Check every target, install the wrappers (each counting its calls), restore on exit."""
+def applied(patches: tuple[Patch, ...] | None = None) -> Iterator[tuple[Patch, ...]]:
+    """Check every target, install the wrappers (each counting its calls), restore on exit.
+    ``None``: PATCHES as it is at call time."""
+    patches = PATCHES if patches is None else patches
     check_targets(patches)
     installed = []
     try:
@@ -212,6 +230,6 @@ def _counting(patch: Patch, replacement: Callable) -> Callable:
     return counted
 
 
-def unreached(patches: tuple[Patch, ...] = PATCHES) -> list[str]:
+def unreached(patches: tuple[Patch, ...] | None = None) -> list[str]:
     """Names of the patches whose wrapper was never called (after a run inside ``applied``)."""
-    return [p.name for p in patches if p.calls == 0]
+    return [p.name for p in (PATCHES if patches is None else patches) if p.calls == 0]

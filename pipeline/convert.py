@@ -38,7 +38,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,14 +55,17 @@ from pipeline.checkpoint import (
     TensorInfo,
     ensure_valid,
     plan_shards,
+    producer_pool,
     read_tensor,
     write_checkpoint,
 )
+from pipeline.checkpoint.reader import read_json_object
+from pipeline.checkpoint.validate import check_read_values
 from pipeline.checkpoint.writer import PlannedTensor
 from pipeline.config import DEFAULT_TARGET, HF_QUANT_CONFIG, fix_config, layout_config
 from pipeline.config import dumps as config_dumps
 from pipeline.device import resolve_device
-from pipeline.errors import DsV4Error
+from pipeline.errors import DsV4Error, one_line
 from pipeline.formats import (
     NVFP4_BLOCK,
     fp8_block_quantize,
@@ -396,10 +399,7 @@ def plan_convert(
                 _unassign(jobs, job_of, key)
                 add(Job(f"graft:{key}", M.GRAFT, "graft", (key,), (info,)))
         if problems:
-            raise DsV4Error(
-                f"{STEP}: cannot graft from {release.root}: {len(problems)} problem(s):\n  "
-                + "\n  ".join(problems[:20])
-            )
+            raise DsV4Error(f"{STEP}: cannot graft from {release.root}: {one_line(problems, show=3)}")
         for key, spec in target.items():
             # every expert weight from the release with --experts transcode; and always those the export
             # only has as float (hf_ptq's MTP block): the release's MXFP4 transcodes them exactly
@@ -473,7 +473,7 @@ def plan_convert(
     else:
         source_cfg = release_config
     hfq_path = export.root / HF_QUANT_CONFIG
-    hfq = json.loads(hfq_path.read_text()) if hfq_path.is_file() else None
+    hfq = read_json_object(hfq_path) if hfq_path.exists() else None  # refuses a FIFO, names bad JSON
     fixed = fix_config(
         cfg,
         target=target_vllm,
@@ -659,10 +659,24 @@ RUNNERS: dict[str, Callable] = {
 
 def run_job(job: Job, device: torch.device, stats: RunStats) -> tuple[torch.Tensor, ...]:
     tensors = [read_tensor(i) for i in job.inputs]
-    out = RUNNERS[job.action](job, tensors, device, stats)
+    # every scale and FP8 weight a job reads is checked here, where it is read: validation samples the
+    # scales, so a bad one it missed is named (file and key) instead of failing inside an action
+    for info, t in zip(job.inputs, tensors, strict=True):
+        check_read_values(info, t)
+    out = run_action(job, tensors, device, stats)
     if len(out) != len(job.outputs):  # pragma: no cover - a bug in a runner
         raise AssertionError(f"{job.name}: {len(out)} tensors for {len(job.outputs)} outputs")
     return tuple(o.cpu() for o in out)
+
+
+def run_action(job: Job, tensors: list[torch.Tensor], device: torch.device, stats: RunStats):
+    """RUNNERS[job.action], with the ValueError a format function raises for values it cannot take (a
+    NaN BF16 weight, a product that overflows) turned into a DsV4Error naming the job's first input."""
+    try:
+        return RUNNERS[job.action](job, tensors, device, stats)
+    except ValueError as err:
+        where = f"{job.inputs[0].file}: key {job.inputs[0].key}" if job.inputs else job.name
+        raise DsV4Error(f"{where}: cannot {job.action}: {err}") from err
 
 
 def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: RunStats, progress):
@@ -671,7 +685,7 @@ def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: 
     done: dict[str, torch.Tensor] = {}
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool:
+        with producer_pool(workers, "convert") as pool:  # Ctrl-C does not wait for it
             running: dict[str, Future] = {}
             pending: deque[str] = deque()
 
@@ -862,5 +876,6 @@ __all__ = [
     "convert_checkpoint",
     "dry_run_table",
     "plan_convert",
+    "run_action",
     "run_job",
 ]

@@ -20,7 +20,6 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +37,13 @@ from pipeline.checkpoint import (
     TensorInfo,
     ensure_valid,
     plan_shards,
+    producer_pool,
     read_tensor,
     write_checkpoint,
 )
+from pipeline.checkpoint.validate import check_read_values
 from pipeline.device import resolve_device
+from pipeline.errors import DsV4Error
 from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
@@ -131,13 +133,24 @@ def convert(src: Source, device: torch.device) -> torch.Tensor:
     """The output tensor for one source: dequantized to BF16, or the stored tensor unchanged."""
     weight = read_tensor(src.weight)
     if src.fmt == PLAIN:
+        check_read_values(src.weight, weight)
         return weight
     scale = read_tensor(src.scale)
     weight, scale = weight.to(device, non_blocking=True), scale.to(device, non_blocking=True)
+    # every scale and FP8 weight, checked where it is read (validation only samples the scales): a bad
+    # value stops the run naming its key, before the shard it would land in is complete
+    check_read_values(src.scale, scale)
+    check_read_values(src.weight, weight)
     if src.fmt == FP8:
         out = fp8_block_dequantize(weight, scale, dtype=torch.bfloat16)
     else:
         out = mxfp4_dequantize(weight, scale, torch.bfloat16)
+    if not bool(torch.isfinite(out).all()):  # finite scales so large the product overflows BF16
+        raise DsV4Error(
+            f"{src.weight.file}: key {src.weight.key}: dequantized to BF16 it holds "
+            f"{int((~torch.isfinite(out)).sum())} non-finite value(s): its scale {src.scale.key} is too "
+            "large for BF16; the checkpoint is damaged (re-download it)"
+        )
     return out.cpu()
 
 
@@ -145,7 +158,7 @@ def make_producer(plan: DequantPlan, device: torch.device, workers: int, progres
     """A writer producer that keeps ``workers`` tensors converting ahead of the one being written."""
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dequant") as pool:
+        with producer_pool(workers, "dequant") as pool:  # Ctrl-C does not wait for it
             pending: deque = deque()
             queue = iter(shard.tensors)
             for planned in queue:

@@ -76,6 +76,10 @@ class HfPtqConfig:
 RECIPE_QFORMAT: Mapping[str, str] = {"experts": "nvfp4_experts_only", "full": "nvfp4"}
 
 
+# The seeds' notes: "Don't use calib_size=256 — OOMs with 3TB BF16 on CPU offload"; Run 11 used 128.
+NODE_CALIB_SIZE_LIMIT = 128
+
+
 def config_for_recipe(
     recipe: str,
     model_path: str,
@@ -90,6 +94,11 @@ def config_for_recipe(
     """`dsv4 quantize --driver hf_ptq`'s options as an HfPtqConfig (the seeds' Run 11 settings otherwise)."""
     if recipe not in RECIPE_QFORMAT:
         raise DsV4Error(f"recipe {recipe!r} has no hf_ptq qformat; known: {', '.join(RECIPE_QFORMAT)}")
+    if calib_size > NODE_CALIB_SIZE_LIMIT:
+        raise DsV4Error(
+            f"--calib-size {calib_size}: the seeds' 256-sample calibration ran out of memory on the node (3 TB "
+            f"of BF16 offloaded to CPU); Run 11 used {NODE_CALIB_SIZE_LIMIT}, the most this driver passes"
+        )
     return HfPtqConfig(
         model_path=model_path,
         export_path=export_path,

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import Layout, ensure_valid
+from pipeline.checkpoint.writer import output_lock
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
 
@@ -89,8 +90,17 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if _is_within(d, s) or _is_within(s, d):
         raise DsV4Error(f"{dst}: refusing to write the export inside (or around) the source {src}")
+    if d.exists() and not d.is_dir():
+        raise DsV4Error(f"{dst}: exists and is not a directory; the export is a directory, pick another DST")
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise DsV4Error(f"{dst}: not empty; pass --overwrite to replace a previous export")
+    if overwrite and d.is_dir() and any(d.iterdir()) and not (d / REPORT_NAME).is_file():
+        # --overwrite deletes DST whole: only an export dsv4 quantize wrote (its report says so)
+        shown = ", ".join(sorted(p.name for p in d.iterdir())[:4])
+        raise DsV4Error(
+            f"{dst}: refusing --overwrite: this folder was not written by dsv4 quantize (it holds {shown}, "
+            f"no {REPORT_NAME}); choose an empty or new folder"
+        )
 
 
 def _versions() -> dict:
@@ -257,17 +267,24 @@ def calibration_batches(model, src: Path, opts: QuantizeOptions) -> tuple[list[t
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, opts: QuantizeOptions) -> QuantizeReport:
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    state_dir = state_dir_for(dst)
+    ensure_valid(src, expect=Layout.BF16, step=STEP)
+    _check_paths(src, dst, opts.overwrite)  # before the lock: a file at DST is refused without a trace
+    # one run per DST: a second would remove this one's .DST.partial and the state beside it
+    with output_lock(dst.parent, dst.with_name(f".{dst.name}.dsv4.lock"), subject=dst):
+        _check_paths(src, dst, opts.overwrite)  # again: a run that held the lock may have just finished
+        return _quantize_locked(src, dst, state_dir, opts, start)
+
+
+def _quantize_locked(src: Path, dst: Path, state_dir: Path, opts: QuantizeOptions, start: float):
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
     from patches import modelopt_patches
     from pipeline.recipes import recipe_config
 
-    start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    state_dir = state_dir_for(dst)
-    ensure_valid(src, expect=Layout.BF16, step=STEP)
-    _check_paths(src, dst, opts.overwrite)
     modelopt_patches.check_targets()  # before the long work: a moved target fails now, not after export
     device = resolve_device(opts.device)
     model = load_bf16_model(src, device)

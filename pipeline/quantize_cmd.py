@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from pathlib import Path
 
+from pipeline.errors import DsV4Error
 from pipeline.recipes import RECIPES
+
+# (module imported, package that provides it): what `dsv4 quantize` needs beyond the base install
+QUANT_PACKAGES: tuple[tuple[str, str], ...] = (
+    ("modelopt", "nvidia-modelopt"),
+    ("transformers", "transformers"),
+)
 
 HELP = """\
 Quantize a BF16 DeepSeek V4 checkpoint (the output of `dsv4 dequant`) to NVFP4 with NVIDIA ModelOpt,
@@ -73,6 +82,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
+def require_quant_env() -> None:
+    """ModelOpt and transformers are the `quant` extra, not the base install: say so instead of an
+    ImportError traceback from deep inside the step."""
+    absent = [package for module, package in QUANT_PACKAGES if importlib.util.find_spec(module) is None]
+    if absent:
+        raise DsV4Error(
+            f"dsv4 quantize needs {' and '.join(absent)}, not installed in {sys.executable}: "
+            "pip install -e '.[quant]' (in its own venv: ModelOpt and vLLM do not share one)"
+        )
+
+
+def check_destination(dst: Path) -> None:
+    """DST is a directory the step creates or replaces; a file there is a typo, not something to delete."""
+    if dst.exists() and not dst.is_dir():
+        raise DsV4Error(f"{dst}: exists and is not a directory; the export is a directory, pick another DST")
+
+
 def _main(args: argparse.Namespace) -> int:
     from pipeline.quantize import QuantizeOptions, quantize_checkpoint, state_dir_for, validate_state
 
@@ -82,6 +108,8 @@ def _main(args: argparse.Namespace) -> int:
         return 0 if ok else 1
     if args.driver == "hf_ptq":
         return _hf_ptq(args)
+    check_destination(args.dst)
+    require_quant_env()
     opts = QuantizeOptions(
         recipe=args.recipe,
         calib_file=args.calib_file,
@@ -114,7 +142,6 @@ def _hf_ptq(args: argparse.Namespace) -> int:
     from patches import modelopt_patches
     from pipeline import hf_ptq
     from pipeline.checkpoint import Layout, ensure_valid
-    from pipeline.errors import DsV4Error
 
     if args.modelopt_repo is None:
         raise DsV4Error(
@@ -141,7 +168,10 @@ def _hf_ptq(args: argparse.Namespace) -> int:
         for key, value in sorted(vars(parsed).items()):
             print(f"  {key} = {value!r}")
         return 0
+    # Run 1: an FP8 source broke batch probing; refuse it before hf_ptq loads anything
     ensure_valid(args.src, expect=Layout.BF16, step="dsv4 quantize --driver hf_ptq")
+    check_destination(args.dst)
+    require_quant_env()
     modelopt_patches.check_targets()
     with modelopt_patches.applied() as patches:
         hf_ptq.run(cfg, args.modelopt_repo)

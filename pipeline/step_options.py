@@ -16,7 +16,12 @@ def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -
     mode.add_argument(
         "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
     )
-    mode.add_argument("--overwrite", action="store_true", help="delete a previous output in DST first")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a previous dsv4 output in DST first (a folder holding anything dsv4 did not write is "
+        "refused)",
+    )
     if compute:
         p.add_argument(
             "--device",

@@ -2,7 +2,8 @@
 layout classification and summaries.
 
 reader    Checkpoint.open(path), read_header, read_index, read_tensor, locate
-writer    PlannedTensor, ShardPlan, OutputPlan, plan_shards, write_checkpoint, copy_file_atomic
+writer    PlannedTensor, ShardPlan, OutputPlan, plan_shards, write_checkpoint, copy_file_atomic,
+          producer_pool (a producer's thread pool that does not hold up Ctrl-C)
 validate  validate_checkpoint -> ValidationReport (all problems), ensure_valid
 layout    Layout, classify_layout, require_layout, role_of, ROLES
 inspect   summarize, format_summary
@@ -28,6 +29,7 @@ from .reader import (
 from .validate import Problem, ValidationReport, ensure_valid, validate_checkpoint
 from .writer import (
     JOURNAL_NAME,
+    LOCK_NAME,
     OutputPlan,
     PlannedTensor,
     ShardPlan,
@@ -35,6 +37,7 @@ from .writer import (
     copy_file_atomic,
     per_tensor,
     plan_shards,
+    producer_pool,
     write_bytes_atomic,
     write_checkpoint,
     write_json_atomic,
@@ -45,6 +48,7 @@ __all__ = [
     "DTYPES",
     "INDEX_NAME",
     "JOURNAL_NAME",
+    "LOCK_NAME",
     "ROLES",
     "Checkpoint",
     "Layout",
@@ -65,6 +69,7 @@ __all__ = [
     "locate",
     "per_tensor",
     "plan_shards",
+    "producer_pool",
     "read_config",
     "read_header",
     "read_index",

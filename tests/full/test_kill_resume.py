@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoints import tree_digest
-from pipeline.checkpoint import JOURNAL_NAME
+from pipeline.checkpoint import JOURNAL_NAME, LOCK_NAME
 from pipeline.checkpoint.writer import write_checkpoint
 from pipeline.cli import main as dsv4
 from pipeline.dequant import dequantize_checkpoint
@@ -54,9 +54,10 @@ def test_kill_mid_shard_then_resume_is_byte_identical(tmp_path, reference_output
     finally:
         child.kill()
         child.wait()
-    # Killed mid-shard 2: shard 1 final, shard 2 only as a partial, nothing complete-looking.
+    # Killed mid-shard 2: shard 1 final, shard 2 only as a partial, nothing complete-looking; the lock
+    # file stays (the kernel released its flock with the process) and does not stand in --resume's way.
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([JOURNAL_NAME, "model-00001-of-00003.safetensors", partial.name])
+    assert names == sorted([JOURNAL_NAME, LOCK_NAME, "model-00001-of-00003.safetensors", partial.name])
     assert looks_complete(out, demo_plan()) == []
 
     with pytest.raises(DsV4Error, match="not empty"):

@@ -345,3 +345,34 @@ def test_output_inside_source_is_refused(micro_bf16, capsys):
     assert dsv4(["quantize", str(micro_bf16), str(micro_bf16 / "nvfp4")]) == 2
     assert "inside" in capsys.readouterr().err
     assert not (micro_bf16 / "nvfp4").exists()
+
+
+def test_a_drifted_patch_target_is_a_one_line_refusal(micro_bf16, tmp_path, capsys, monkeypatch):
+    """A target the installed ModelOpt no longer has stops `dsv4 quantize` before loading, as every other
+    refusal does: one `dsv4: error:` line naming the target and the installed version, exit 2."""
+    drifted = modelopt_patches.Patch(
+        "drifted",
+        modelopt_patches.Target("modelopt.torch.export.unified_export_hf", "_export_weight_moved", "(x)"),
+        prevents="test",
+        wrap=lambda f: f,
+    )
+    monkeypatch.setattr(modelopt_patches, "PATCHES", (drifted,))
+    assert dsv4(["quantize", str(micro_bf16), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dsv4: error: installed nvidia-modelopt 0.47.0 ")
+    assert "modelopt.torch.export.unified_export_hf._export_weight_moved does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_ptq_driver_refuses_an_export_that_never_reached_the_patches(micro_bf16, tmp_path, capsys):
+    """Run 11 on the node's path: hf_ptq's main() runs under the patches and its export must reach every
+    one. A stand-in hf_ptq whose main() exports nothing reaches none: the run is refused, naming them."""
+    from pipeline.hf_ptq import load_contract
+    from tests.unit.test_hf_ptq_driver import make_repo
+
+    repo = make_repo(tmp_path / "modelopt", load_contract())
+    argv = ["quantize", str(micro_bf16), str(tmp_path / "out"), "--driver", "hf_ptq"]
+    assert dsv4([*argv, "--modelopt-repo", str(repo), "--calib-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "were never reached on hf_ptq's export path" in err
+    assert all(p.name in err for p in modelopt_patches.PATCHES)

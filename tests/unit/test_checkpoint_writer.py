@@ -225,10 +225,16 @@ def test_non_empty_output_needs_resume_or_overwrite(tmp_path, reference_output):
         DsV4Error, match=rf"{out}: output directory is not empty \(notes.txt, stale.safetensors\)"
     ):
         write_checkpoint(demo_plan(), out, produce)
+    before = file_bytes(out)
+    with pytest.raises(DsV4Error, match=r"refusing --overwrite: this folder was not written by dsv4"):
+        write_checkpoint(demo_plan(), out, produce, overwrite=True)
+    assert file_bytes(out) == before  # refused whole: nothing removed
+    (out / "notes.txt").unlink()
+    (out / "stale.safetensors").unlink()
+    write_checkpoint(demo_plan(), out, produce)
+    write_checkpoint(OutputPlan(demo_plan().shards[:1]), out, produce, overwrite=True)  # our own: replaced
     write_checkpoint(demo_plan(), out, produce, overwrite=True)
-    got = file_bytes(out)
-    assert got.pop("notes.txt") == b"mine"  # overwrite removes shards, index, journal; not unrelated files
-    assert got == reference_output
+    assert file_bytes(out) == reference_output
 
 
 def test_not_enough_disk_is_refused_before_writing(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ import torch
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from harness.checkpoints import tree_digest
+from harness.format_reference import e4m3_nearest, e4m3_values
 from pipeline import mapping as M
-from pipeline.checkpoint import Checkpoint, validate_checkpoint
+from pipeline.checkpoint import JOURNAL_NAME, Checkpoint, validate_checkpoint
 from pipeline.cli import main as dsv4
 from pipeline.convert import REPORT_NAME, convert_checkpoint, plan_convert
 from pipeline.errors import DsV4Error
@@ -26,7 +27,6 @@ from pipeline.formats import (
     fp8_block_quantize,
     mxfp4_dequantize,
     nvfp4_dequantize,
-    nvfp4_rescale,
 )
 from pipeline.formats.e2m1 import decode_packed
 from pipeline.mapping import target_layout
@@ -116,6 +116,7 @@ def test_dialects_h_and_x_of_the_same_export_convert_to_the_same_bytes(converted
     assert h.plan.dialect == "H" and x.plan.dialect == "X"
     dh, dx = tree_digest(h.out_dir), tree_digest(x.out_dir)
     dh.pop(REPORT_NAME), dx.pop(REPORT_NAME)  # records the dialect and rule names, which differ
+    dh.pop(JOURNAL_NAME), dx.pop(JOURNAL_NAME)  # fingerprints its own input folder
     assert dh == dx
 
 
@@ -183,7 +184,9 @@ def test_w1_w3_global_scales_are_unified_and_the_error_is_measured(converted, ex
                 assert raw(got[key + ".weight_scale"]) == raw(bs_in)
                 continue
             changed += 1
-            assert raw(got[key + ".weight_scale"]) == raw(nvfp4_rescale(bs_in, s, g1))
+            # the e4m3 nearest to block_scale * s / g1, derived from the format (not nvfp4_rescale itself)
+            want = e4m3_nearest(e4m3_values(bs_in) * s / g1)
+            assert raw(got[key + ".weight_scale"]) == raw(want)
             before = nvfp4_dequantize(export[h_of[key + ".weight"]], bs_in, s, torch.float64)
             after = nvfp4_dequantize(got[key + ".weight"], got[key + ".weight_scale"], g1, torch.float64)
             err_sq += float((after - before).pow(2).sum())
@@ -381,20 +384,30 @@ def test_transcode_needs_the_release(exports):
 @pytest.fixture(scope="module")
 def hf_ptq_export(_tiny_bf16_master, tmp_path_factory):
     """As a real hf_ptq export of the micro model (GPU tier) is: dialect X plus the BF16 source's mtp.*."""
+    from safetensors.torch import load_file, save_file
+
     from harness.exports import build_synthetic_export
 
-    return build_synthetic_export(
+    export = build_synthetic_export(
         _tiny_bf16_master, tmp_path_factory.mktemp("hf-ptq") / "export", recipe="experts", hf_ptq_mtp=True
     )
+    # Halve one MTP expert's w3 so its w1 and w3 amax differ: a shared global scale taken from the
+    # smaller of the two (min instead of max) must then change the bytes the MTP test compares.
+    key = "mtp.0.ffn.experts.1.w3.weight"
+    shard = export / "model.safetensors"  # build_synthetic_export writes one shard
+    tensors = load_file(shard)
+    tensors[key] = (tensors[key].float() * 0.5).to(tensors[key].dtype)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return export
 
 
-def test_hf_ptq_mtp_block_is_quantized_without_the_release(hf_ptq_export, _tiny_bf16_master, tmp_path):
+def test_hf_ptq_mtp_block_is_quantized_without_the_release(hf_ptq_export, tmp_path):
     """Without --graft-from: MTP attention BF16 -> FP8 tiles, MTP experts BF16 -> NVFP4 (w1/w3 one global
     scale), their activation scales the fallback; the output keeps the MTP block."""
     from pipeline.formats import nvfp4_global_scale, nvfp4_quantize
 
     result = convert_checkpoint(hf_ptq_export, tmp_path / "out", progress=False)
-    got, src = load_all(result.out_dir), load_all(_tiny_bf16_master)
+    got, src = load_all(result.out_dir), load_all(hf_ptq_export)  # the export carries hf_ptq's BF16 mtp.*
     assert (
         result.plan.has_mtp
         and json.loads((result.out_dir / "config.json").read_text())["num_nextn_predict_layers"] == 1
@@ -402,15 +415,14 @@ def test_hf_ptq_mtp_block_is_quantized_without_the_release(hf_ptq_export, _tiny_
     q, s = fp8_block_quantize(src["mtp.0.attn.wq_a.weight"])
     assert raw(got["mtp.0.attn.wq_a.weight"]) == raw(q) and raw(got["mtp.0.attn.wq_a.scale"]) == raw(s)
     e = "mtp.0.ffn.experts.1"
-    amax = torch.maximum(
-        src[f"{e}.w1.weight"].float().abs().amax(), src[f"{e}.w3.weight"].float().abs().amax()
-    )
+    a1, a3 = (src[f"{e}.{w}.weight"].float().abs().amax() for w in ("w1", "w3"))
+    assert a1 != a3  # else min and max agree and the test could not tell them apart
+    amax = torch.maximum(a1, a3)
     for w in ("w1", "w3"):
         packed, block, _ = nvfp4_quantize(src[f"{e}.{w}.weight"], weight_scale_2=nvfp4_global_scale(amax))
         assert raw(got[f"{e}.{w}.weight"]) == raw(packed) and raw(got[f"{e}.{w}.weight_scale"]) == raw(block)
         assert float(got[f"{e}.{w}.weight_scale_2"]) == float(nvfp4_global_scale(amax))
-    export = load_all(hf_ptq_export)
-    calibrated = [float(v) for k, v in export.items() if k.endswith(".w2.input_scale")]
+    calibrated = [float(v) for k, v in src.items() if k.endswith(".w2.input_scale")]
     assert float(got[f"{e}.w2.input_scale"]) == max(calibrated)
     assert validate_checkpoint(result.out_dir, full_scales=True).ok
 

@@ -197,9 +197,12 @@ def test_driver_args_equal_the_stub_command_line_path(stub_repo, contract, monke
 def test_stub_main_rejects_what_runs_7_and_9_passed(stub_repo, contract):
     module, args, argv = drv.prepare(seeds_cfg(), stub_repo, contract)
     unconverted = drv.parse(module, argv)  # Run 9: skipped the __main__ conversions
-    with pytest.raises(TypeError):
-        module.main(unconverted)
-    module.main(args)  # the driver's args pass
+    # main() imports its siblings lazily, so it runs with its folder on sys.path, as drv.run runs it;
+    # the test must not depend on an earlier test leaving example_utils importable
+    with drv._folder_on_sys_path(Path(module.__file__).parent):
+        with pytest.raises(TypeError):
+            module.main(unconverted)
+        module.main(args)  # the driver's args pass
 
 
 def test_conversions_follow_the_recorded_data(contract):
@@ -421,3 +424,55 @@ def test_quantize_cli_hf_ptq_driver_needs_a_checkout(capsys, tmp_path):
 
     assert dsv4(["quantize", str(tmp_path), str(tmp_path / "o"), "--driver", "hf_ptq"]) == 2
     assert "--modelopt-repo" in capsys.readouterr().err
+
+
+def test_quantize_cli_hf_ptq_driver_refuses_a_release_fp8_source(tiny_release, stub_repo, capsys, tmp_path):
+    """Run 1 on the node's path: hf_ptq given the FP8/MXFP4 release crashed in batch probing. The driver
+    refuses it from the headers, before importing hf_ptq or checking ModelOpt."""
+    from pipeline.cli import main as dsv4
+
+    argv = ["quantize", str(tiny_release), str(tmp_path / "out"), "--driver", "hf_ptq"]
+    assert dsv4([*argv, "--modelopt-repo", str(stub_repo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv4: error:") and "dsv4 quantize --driver hf_ptq needs a BF16" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_without_modelopt_names_the_package_and_how_to_install_it(monkeypatch, capsys, tmp_path):
+    from pipeline.cli import main as dsv4
+
+    monkeypatch.setitem(sys.modules, "modelopt", None)  # `import modelopt` raises ImportError
+    assert dsv4(["quantize", str(tmp_path / "bf16"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dsv4: error: dsv4 quantize needs nvidia-modelopt")
+    assert "pip install -e '.[quant]'" in err
+
+
+@pytest.mark.parametrize("driver", ["in-process", "hf_ptq"])
+def test_quantize_into_a_file_is_refused(driver, tiny_bf16, stub_repo, capsys, tmp_path):
+    from pipeline.cli import main as dsv4
+
+    dst = tmp_path / "out"
+    dst.write_text("not an export")
+    argv = ["quantize", str(tiny_bf16), str(dst), "--driver", driver, "--modelopt-repo", str(stub_repo)]
+    assert dsv4(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not a directory" in err and str(dst) in err
+    assert dst.read_text() == "not an export"
+
+
+def test_low_memory_mode_is_never_passed_to_hf_ptq(stub_repo, contract):
+    """The seeds: '--low_memory_mode' gives meta device errors with V4. No recipe may turn it on."""
+    assert "low_memory_mode" in {f["dest"] for f in contract["flags"]}  # hf_ptq has the flag
+    assert "low_memory_mode" not in drv.OPTION_TABLE.values()
+    for recipe in drv.RECIPE_QFORMAT:
+        cfg = drv.config_for_recipe(recipe, "/m", "/e", calib_size=128, calib_seq=512)
+        _, args, argv = drv.prepare(cfg, stub_repo, contract)
+        assert not args.low_memory_mode and not any("low_memory" in a for a in argv), recipe
+
+
+def test_calib_size_above_run_11s_128_is_refused_on_the_node():
+    """The seeds: 'Don't use calib_size=256 — OOMs with 3TB BF16 on CPU offload'."""
+    assert drv.config_for_recipe("full", "/m", "/e", calib_size=128, calib_seq=512).calib_size == (128,)
+    with pytest.raises(DsV4Error, match=r"--calib-size 256: .*ran out of memory"):
+        drv.config_for_recipe("full", "/m", "/e", calib_size=256, calib_seq=512)
