@@ -7,8 +7,10 @@ controlled by environment variables:
 
   FAKE_VLLM_MODE           ok (default) | crash (print a load error, exit 1) | hang (never healthy)
   FAKE_VLLM_HEALTHY_AFTER  seconds before /health answers 200 (503 until then; default 0)
-  FAKE_VLLM_RECORD         a file to write {"argv", "pid", "requests", "stopped_by"} to, rewritten on
-                           every event, so a test sees what the server was given and how it stopped
+  FAKE_VLLM_RECORD         a file to write {"argv", "pid", "sigint", "requests", "stopped_by"} to,
+                           rewritten on every event, so a test sees what the server was given, how it
+                           stopped, and whether it started with SIGINT ignored ("sigint": "ignored") or at
+                           its default ("default"), as `dsv4 serve` must start it
 
 Canned answers follow vLLM's OpenAI-compatible shapes: /health is 200 with an empty body;
 /v1/completions returns choices[0].text and usage; an unknown model name gets 404 like vLLM's.
@@ -50,6 +52,7 @@ class FakeVllm:
         self.healthy, self.healthy_at = healthy, time.monotonic() + healthy_after
         self.requests: list[dict] = []
         self.record_path, self.argv, self.stopped_by = record, argv or [], None
+        self.sigint = inherited_sigint()
         self.server = ThreadingHTTPServer((host, port), _handler(self))
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -95,6 +98,7 @@ class FakeVllm:
         data = {
             "argv": self.argv,
             "pid": os.getpid(),
+            "sigint": self.sigint,
             "requests": self.requests,
             "stopped_by": self.stopped_by,
         }
@@ -110,6 +114,12 @@ class FakeVllm:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def inherited_sigint() -> str:
+    """How this process was started with SIGINT: CPython keeps an inherited SIG_IGN, and installs its
+    KeyboardInterrupt handler over an inherited default (read before ``main`` installs its own)."""
+    return "ignored" if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "default"
 
 
 def _handler(fake: FakeVllm) -> type[BaseHTTPRequestHandler]:

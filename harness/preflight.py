@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import children
 from pipeline.checkpoint import Checkpoint, plan_shards
 from pipeline.checkpoint import PlannedTensor as _Planned
 from pipeline.checkpoint.dtypes import itemsize
@@ -544,14 +545,16 @@ def run_step(
 
     At its timeout the step gets SIGINT first (Python runs its ``finally`` blocks: `dsv4 serve` stops the
     vLLM server it started in a session of its own, which a kill of this step would leave holding the
-    GPUs), then, after ``grace`` seconds, SIGKILL to the step's process group."""
+    GPUs), then, once it has exited or after ``grace`` seconds, SIGKILL to everything it started, its
+    own-session children included (pipeline.children). The step gets SIGINT at its default even when
+    this process was started with SIGINT ignored (``nohup pytest -m b200 ... &``)."""
     log = Path(log_dir) / f"{step.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with log.open("w") as f:
         f.write("$ " + " ".join(step.argv) + "\n")
         f.flush()
-        proc = subprocess.Popen(
+        proc = children.popen(
             step.argv,
             stdout=f,
             stderr=subprocess.STDOUT,
@@ -563,15 +566,23 @@ def run_step(
             code = proc.wait(timeout=step.timeout)
         except subprocess.TimeoutExpired:
             code = -1
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            interrupt_step(proc, grace)
     lines = log.read_text(errors="replace").splitlines()
     return StepResult(step.name, code, time.monotonic() - start, log, "\n".join(lines[-tail_lines:]))
+
+
+def interrupt_step(proc: subprocess.Popen, grace: float) -> None:
+    """SIGINT, up to ``grace`` seconds for the step to exit, then SIGKILL to what is left of it: the tree
+    as it was before the SIGINT (what the step's exit orphaned) and as it is now, and its process group."""
+    root = children.identify(proc.pid)
+    started = children.tree([root]) if root else []
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    children.kill_tree(started)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def vllm_bin_for(python: str | Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from harness import fake_vllm
+from harness import preflight as P
+from pipeline import children
 from pipeline import serve as S
 from pipeline.errors import DsV4Error
+from tests.full.test_signals import gone, wait_for_file
 from tests.unit.test_serve import ROOT, cli, free_port, make
 
 pytestmark = pytest.mark.slow
@@ -79,6 +83,9 @@ def test_run_starts_waits_smokes_and_stops(ckpt, tokenizer_dir, fake_vllm_bin, t
     assert seen["argv"] == ["serve", *S.vllm_args(s)]
     assert seen["requests"] == [S.smoke_body(ckpt.name, S.SMOKE_PROMPT, 7)]
     assert seen["stopped_by"] == "SIGTERM"
+    assert (
+        seen["sigint"] == "default"
+    )  # even when this test runs with SIGINT ignored (tests/full/test_signals.py)
     assert f"completion (greedy, 7 tokens, finish_reason length): {fake_vllm.CANNED_TEXT!r}" in out
     assert "tokens/s" in out and "server stopped (exit status 0)" in out
     with pytest.raises(ProcessLookupError):
@@ -123,3 +130,30 @@ def test_run_keep_running_leaves_the_server_up(ckpt, tokenizer_dir, fake_vllm_bi
             except ChildProcessError:  # already reaped (subprocess cleans up abandoned children)
                 break
             time.sleep(0.05)
+
+
+def test_an_interrupted_serve_step_stops_its_server(
+    ckpt, tokenizer_dir, fake_vllm_bin, tmp_path, monkeypatch
+):
+    """The canary's serve step at its timeout: SIGINT reaches `dsv4 serve` (its finally stops the vLLM
+    server it started in a session of its own, with SIGTERM), and nothing is left running."""
+    exe, record = fake_vllm_bin
+    monkeypatch.setenv("FAKE_VLLM_MODE", "hang")
+    argv = [sys.executable, "-m", "pipeline", "serve", *_run_argv(ckpt, tokenizer_dir, exe, tmp_path)]
+    argv[argv.index("--health-timeout") + 1] = "300"
+    proc = children.popen(
+        argv, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        server = json.loads(wait_for_file(record))["pid"]
+    except AssertionError:
+        proc.kill()
+        raise
+    t0 = time.monotonic()
+    P.interrupt_step(proc, grace=30)
+    out = proc.stdout.read().decode(errors="replace")
+    seen = json.loads(record.read_text())
+    assert time.monotonic() - t0 < 30, out  # stopped gracefully, not killed at the end of the grace period
+    assert seen["stopped_by"] == "SIGTERM" and "server stopped" in out, out
+    assert seen["sigint"] == "default"
+    assert gone(server)
