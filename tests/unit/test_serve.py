@@ -21,6 +21,7 @@ from harness.replica import clone_replica
 from pipeline import mapping as M
 from pipeline import serve as S
 from pipeline import serve_cmd
+from pipeline.config import VLLM_TARGETS
 from pipeline.errors import DsV4Error
 
 pytestmark = pytest.mark.unit
@@ -200,8 +201,11 @@ def test_deep_gemm_mega_moe_is_refused_with_the_s6_reason(ckpt, tokenizer_dir, w
     assert "refused for NVFP4 experts" in problems[0]
     assert "(7168, 96) vs (7168, 192)" in problems[0] and "S6" in problems[0]
     assert "32 inputs" in problems[0] and "16 inputs" in problems[0]
+    assert "DeepseekV4MegaMoEExperts in vLLM 0.32" in problems[0]  # each version's MXFP4 MegaMoE experts
+    assert "DeepGemmMegaMoEExperts with its MEGA_MOE_MXFP4 format in 0.33" in problems[0]
+    assert "0.33 has an NVFP4 mega-MoE format, which V4's MoE layer does not use" in problems[0]
     with pytest.raises(
-        DsV4Error, match=r"refused for NVFP4 experts: V4's MoE layer then builds DeepseekV4MegaMoEExperts"
+        DsV4Error, match=r"refused for NVFP4 experts: V4's MoE layer then builds MegaMoE experts"
     ):
         S.preflight(s)
 
@@ -216,9 +220,21 @@ def test_each_moe_backend_is_allowed_or_refused_as_the_table_says(ckpt, backend)
         assert len(problems) == 1 and row.refused in problems[0]
 
 
-def test_unknown_moe_backend_is_refused_naming_the_known_ones(ckpt):
-    (problem,) = S.refusals(make(ckpt, None, extra=("--moe-backend", "fast_nvfp4")))
-    assert "not a vLLM 0.32 MoE backend" in problem and "flashinfer_trtllm" in problem
+@pytest.mark.parametrize("target", VLLM_TARGETS)
+def test_unknown_moe_backend_is_refused_naming_the_known_ones(ckpt, target):
+    (problem,) = S.refusals(make(ckpt, None, target_vllm=target, extra=("--moe-backend", "fast_nvfp4")))
+    assert f"not a vLLM {target} MoE backend" in problem and "flashinfer_trtllm" in problem
+
+
+def test_moe_backends_new_in_033_are_known_to_033_only(ckpt):
+    """vLLM 0.33's MoEBackend adds aiter_triton_mxfp4_mxfp4 (ROCm MXFP4 W4A4): 0.32 would reject the
+    value, 0.33 takes it but cannot build NVFP4 experts with it."""
+    new = "aiter_triton_mxfp4_mxfp4"
+    assert [b.name for b in S.moe_backends("0.33") if b not in S.moe_backends("0.32")] == [new]
+    (on_032,) = S.refusals(make(ckpt, None, target_vllm="0.32", moe_backend=new))
+    assert on_032.startswith(f"--moe-backend {new}: not a vLLM 0.32 MoE backend") and f"{new}," not in on_032
+    (on_033,) = S.refusals(make(ckpt, None, target_vllm="0.33", moe_backend=new))
+    assert "refused for NVFP4 experts: not an NVFP4 MoE backend" in on_033
 
 
 @pytest.mark.parametrize(
@@ -262,7 +278,11 @@ def test_all_refusals_are_reported_together(ckpt):
     assert len(S.refusals(s)) == 4
     with pytest.raises(DsV4Error, match="refused") as err:
         S.preflight(s)
-    assert str(err.value).count("\n  ") == 4
+    message = str(err.value)
+    assert "\n" not in message  # one line, every refusal numbered in it
+    assert [message.index(f"[{i}/4] {p}") for i, p in enumerate(S.refusals(s), 1)] == sorted(
+        message.index(f"[{i}/4] ") for i in range(1, 5)
+    )
 
 
 # ---- the checkpoint -----------------------------------------------------------------------------------
