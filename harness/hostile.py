@@ -459,7 +459,7 @@ def flock_holders(path: Path) -> set[int]:
     except FileNotFoundError:
         return set()
     pids: set[int] = set()
-    # "1: FLOCK  ADVISORY  WRITE 32291 fe:00:2146366 0 EOF"; a waiter's line has "->" after the number
+    # "1: FLOCK  ADVISORY  WRITE 32291 fe:00:2146366 0 EOF"; a waiter's reads "1: -> FLOCK ...": left out
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{ino}"):
@@ -507,20 +507,111 @@ def run_dsv4_bounded(
 
 
 def assert_refused_as_held(
-    outcome: Outcome, *, out: Path, pid: int, before: dict[str, str], protected: Iterable[Path]
+    outcome: Outcome,
+    *,
+    out: Path,
+    pid: int,
+    before: dict[str, str],
+    protected: Iterable[Path],
+    lock: Path | None = None,
 ) -> None:
     """A second run into ``out`` while process ``pid`` writes it: the contract of :func:`assert_refused`
     (exit 2, one line, no traceback, every protected byte unchanged, ``out`` not complete), the line naming
-    both the folder and the holder's pid, and the holder still holding its lock on the same file."""
+    both the folder and the holder's pid, and the holder still holding its lock on the same file (``lock``,
+    by default ``out/.dsv4.lock``; it must be under ``protected``)."""
     out = Path(out)
+    lock = Path(lock) if lock is not None else out / LOCK
     assert not outcome.hung, (
         f"the second run was still running after {SECOND_RUN_S:.0f} s: it waited for the lock instead of "
         "refusing\n" + outcome.show()
     )
-    lock_before = before.get(str(out / LOCK))
+    lock_before = before.get(str(lock))
     assert_refused(outcome, names=[str(out)], before=before, protected=protected, outputs=[out])
     line = outcome.err.strip()
     assert re.search(rf"\bpid {pid}\b", line), f"the error line does not name the holder, pid {pid}: {line}"
-    assert lock_before is not None and lock_before != "absent", f"{out / LOCK} was not there to begin with"
-    held = flock_holders(out / LOCK)
-    assert held == {pid}, f"after the refusal {out / LOCK} is locked by {held or 'nobody'}, not by pid {pid}"
+    assert lock_before not in (None, "absent"), f"{lock} was not there to begin with"
+    held = flock_holders(lock)
+    assert held == {pid}, f"after the refusal {lock} is locked by {held or 'nobody'}, not by pid {pid}"
+
+
+def locks_held_by(pid: int, folder: Path) -> list[Path]:
+    """The files in ``folder`` (hidden ones included) that process ``pid`` holds a flock on."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and pid in flock_holders(p))
+
+
+HELD_READY_S = 180.0  # bounded wait for a held run to reach its hold
+HELD_FINISH_S = 180.0  # bounded wait for it to end once let go
+
+
+class HeldRun:
+    """A run as a process of its own (``python -c SCRIPT ARGS`` in ``cwd``), held where SCRIPT prints a line
+    ``READY`` and reads one from stdin: the test's go-ahead (end-of-file too, so a test that died never
+    leaves it waiting). Caught at the same point every time, it can be frozen (SIGSTOP, waited for, so no
+    race), thawed, let go, or killed with SIGKILL. Its stderr goes to a file: a pipe nobody reads while it
+    is held could fill and block it."""
+
+    def __init__(self, script: str, args: Iterable[object], cwd: Path) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *map(str, args)],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(cwd)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+        )
+        self.pid = self.proc.pid
+        self.out = b""
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace")
+
+    def wait_ready(self, timeout_s: float = HELD_READY_S) -> None:
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"READY" not in self.out.splitlines():
+            left = deadline - time.monotonic()
+            chunk = os.read(fd, 1 << 16) if left > 0 and select.select([fd], [], [], left)[0] else b""
+            if not chunk:  # it ended, or the time is up
+                self.close()
+                raise AssertionError(
+                    f"the held run never reached its hold (rc {self.proc.returncode}):\n{self.stderr()[-4000:]}"
+                )
+            self.out += chunk
+
+    def freeze(self) -> None:
+        import signal
+
+        os.kill(self.pid, signal.SIGSTOP)
+        _, status = os.waitpid(self.pid, os.WUNTRACED)  # returns once it is stopped
+        assert os.WIFSTOPPED(status)
+
+    def thaw(self) -> None:
+        import signal
+
+        os.kill(self.pid, signal.SIGCONT)
+
+    def finish(self, timeout_s: float = HELD_FINISH_S) -> tuple[int, str]:
+        """Let it go; (exit status, stderr)."""
+        out, _ = self.proc.communicate(b"go\n", timeout=timeout_s)
+        self.out += out
+        return self.proc.returncode, self.stderr()
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL ends a stopped process too
+            self.proc.communicate()
+        if not self._err.closed:
+            self._err.close()

@@ -41,9 +41,14 @@ def file_batches(
     path: Path, model_dir: Path, vocab_size: int, samples: int, seq_len: int, batch_size: int
 ) -> list[torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DsV4Error(f"{path}: calibration file not found")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not path.is_file():  # a FIFO would block the read, a folder cannot be read
+        raise DsV4Error(f"{path}: the calibration file is not a regular file; pass a .jsonl or text file")
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as err:
+        raise DsV4Error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     rows: list[list[int]] = []
     texts: list[str] = []
     for n, line in enumerate(lines[: samples * 4], 1):
@@ -52,8 +57,15 @@ def file_batches(
                 item = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DsV4Error(f"{path}:{n}: not JSON ({err})") from None
+            if not isinstance(item, dict):
+                raise DsV4Error(
+                    f"{path}:{n}: expected an object with input_ids or text, got {line.strip()[:40]}"
+                )
             if "input_ids" in item:
-                rows.append([int(t) for t in item["input_ids"]][:seq_len])
+                ids = item["input_ids"]
+                if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+                    raise DsV4Error(f"{path}:{n}: input_ids must be a list of integer token ids")
+                rows.append(ids[:seq_len])
             elif "text" in item:
                 texts.append(str(item["text"]))
             else:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import Layout, ensure_valid
+from pipeline.checkpoint import Layout, ensure_valid, read_config
 from pipeline.checkpoint.writer import output_lock
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
@@ -86,7 +86,15 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+def _vocab_size(src: Path) -> int:
+    config = read_config(src) or {}
+    vocab = config.get("vocab_size")
+    if type(vocab) is not int or vocab <= 0:
+        raise DsV4Error(f"{src / 'config.json'}: key vocab_size: {vocab!r} is not a positive integer")
+    return vocab
+
+
+def check_output_paths(src: Path, dst: Path, overwrite: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if _is_within(d, s) or _is_within(s, d):
         raise DsV4Error(f"{dst}: refusing to write the export inside (or around) the source {src}")
@@ -100,6 +108,13 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise DsV4Error(
             f"{dst}: refusing --overwrite: this folder was not written by dsv4 quantize (it holds {shown}, "
             f"no {REPORT_NAME}); choose an empty or new folder"
+        )
+    state = state_dir_for(dst)
+    if state.exists() and not (state.is_dir() and (state / REPORT_NAME).is_file()):
+        # the calibrated state is written there (and an old one of ours replaced): never someone's folder
+        raise DsV4Error(
+            f"{state}: exists and is not a calibrated state dsv4 quantize wrote (no {REPORT_NAME}); "
+            "move it away or choose another DST"
         )
 
 
@@ -252,10 +267,10 @@ def validate_state(state_dir: Path) -> tuple[bool, str]:
     return not bad, "\n".join(lines)
 
 
-def calibration_batches(model, src: Path, opts: QuantizeOptions) -> tuple[list[torch.Tensor], dict]:
+def calibration_batches(vocab: int, src: Path, opts: QuantizeOptions) -> tuple[list[torch.Tensor], dict]:
+    """The calibration batches, read before the model is loaded: a bad --calib-file costs no model load."""
     from pipeline.calibration import builtin_batches, file_batches
 
-    vocab = model.config.vocab_size
     if opts.calib_file:
         batches = file_batches(opts.calib_file, src, vocab, opts.calib_size, opts.calib_seq, opts.calib_batch)
         origin = str(opts.calib_file)
@@ -271,10 +286,10 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opts: QuantizeOptions)
     src, dst = Path(src), Path(dst)
     state_dir = state_dir_for(dst)
     ensure_valid(src, expect=Layout.BF16, step=STEP)
-    _check_paths(src, dst, opts.overwrite)  # before the lock: a file at DST is refused without a trace
+    check_output_paths(src, dst, opts.overwrite)  # before the lock: a file at DST is refused without a trace
     # one run per DST: a second would remove this one's .DST.partial and the state beside it
     with output_lock(dst.parent, dst.with_name(f".{dst.name}.dsv4.lock"), subject=dst):
-        _check_paths(src, dst, opts.overwrite)  # again: a run that held the lock may have just finished
+        check_output_paths(src, dst, opts.overwrite)  # again: a run that held the lock may have just finished
         return _quantize_locked(src, dst, state_dir, opts, start)
 
 
@@ -287,6 +302,8 @@ def _quantize_locked(src: Path, dst: Path, state_dir: Path, opts: QuantizeOption
 
     modelopt_patches.check_targets()  # before the long work: a moved target fails now, not after export
     device = resolve_device(opts.device)
+    if not opts.export_only:
+        batches, calibration = calibration_batches(_vocab_size(src), src, opts)
     model = load_bf16_model(src, device)
 
     report = QuantizeReport(str(src), str(dst), opts.recipe, {}, {}, versions=_versions())
@@ -297,7 +314,7 @@ def _quantize_locked(src: Path, dst: Path, state_dir: Path, opts: QuantizeOption
         report.uncalibrated = [Fallback(**f) for f in saved.get("uncalibrated", [])]
         report.calibration["restored_from"] = str(state_dir)
     else:
-        batches, report.calibration = calibration_batches(model, src, opts)
+        report.calibration = calibration
 
         def forward_loop(m):
             with torch.no_grad():

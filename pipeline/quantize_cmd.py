@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -142,6 +143,8 @@ def _hf_ptq(args: argparse.Namespace) -> int:
     from patches import modelopt_patches
     from pipeline import hf_ptq
     from pipeline.checkpoint import Layout, ensure_valid
+    from pipeline.checkpoint.writer import output_lock
+    from pipeline.quantize import check_output_paths
 
     if args.modelopt_repo is None:
         raise DsV4Error(
@@ -171,10 +174,18 @@ def _hf_ptq(args: argparse.Namespace) -> int:
     # Run 1: an FP8 source broke batch probing; refuse it before hf_ptq loads anything
     ensure_valid(args.src, expect=Layout.BF16, step="dsv4 quantize --driver hf_ptq")
     check_destination(args.dst)
+    # the same guards as the in-process driver: not inside the source, not a non-empty or foreign DST
+    check_output_paths(args.src, args.dst, args.overwrite)
     require_quant_env()
     modelopt_patches.check_targets()
-    with modelopt_patches.applied() as patches:
-        hf_ptq.run(cfg, args.modelopt_repo)
+    # one run per DST, as the in-process driver; hf_ptq exports into DST itself, so an --overwrite
+    # (allowed only of a folder dsv4 quantize wrote: check_output_paths) empties it first
+    with output_lock(args.dst.parent, args.dst.with_name(f".{args.dst.name}.dsv4.lock"), subject=args.dst):
+        check_output_paths(args.src, args.dst, args.overwrite)
+        if args.overwrite and args.dst.is_dir():
+            shutil.rmtree(args.dst)
+        with modelopt_patches.applied() as patches:
+            hf_ptq.run(cfg, args.modelopt_repo)
     unreached = [p.name for p in patches if p.calls == 0]
     reached = ", ".join(f"{p.name} x{p.calls}" for p in patches)
     if unreached:

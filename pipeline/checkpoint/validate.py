@@ -9,6 +9,7 @@ collected into one :class:`ValidationReport`; nothing stops at the first.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import defaultdict
@@ -107,6 +108,7 @@ def validate_checkpoint(
         report.add(path, None, str(err).removeprefix(f"{path}: "))
         return _done(report, t0)
 
+    _check_unfinished_run(report, root)
     if weight_map is not None:
         named = set(weight_map.values())
         for stray in sorted(root.glob("*.safetensors")):
@@ -180,6 +182,28 @@ def validate_checkpoint(
         if msg:
             report.add(root, None, msg)
     return _done(report, t0)
+
+
+def _check_unfinished_run(report: ValidationReport, root: Path) -> None:
+    """A folder a dsv4 run is writing, or was writing when it was killed: its journal is not marked
+    complete. Its shards may look like a checkpoint (a folder without an index is read as its
+    *.safetensors), so say what it is instead of calling part of an output valid."""
+    from .writer import JOURNAL_NAME
+
+    path = root / JOURNAL_NAME
+    if not path.is_file():
+        return
+    try:
+        journal = json.loads(path.read_text())
+    except (OSError, ValueError):
+        journal = None
+    if not isinstance(journal, dict) or journal.get("complete") is not True:
+        report.add(
+            path,
+            None,
+            "an unfinished dsv4 output (its progress journal is not marked complete): a run is writing it "
+            "or was stopped; rerun that command with --resume to finish it",
+        )
 
 
 def ensure_valid(path: str | Path, *, expect: Layout | None = None, step: str = "this step", **kw):

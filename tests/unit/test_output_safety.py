@@ -80,7 +80,7 @@ def test_overwrite_refuses_our_output_holding_a_stray_file(tiny_release, tmp_pat
 
 
 def test_quantize_overwrite_refuses_a_folder_without_its_report(tmp_path):
-    from pipeline.quantize import REPORT_NAME, _check_paths
+    from pipeline.quantize import REPORT_NAME, check_output_paths
 
     src, dst = tmp_path / "bf16", tmp_path / "release"
     src.mkdir()
@@ -89,9 +89,9 @@ def test_quantize_overwrite_refuses_a_folder_without_its_report(tmp_path):
     with pytest.raises(
         DsV4Error, match=r"refusing --overwrite: this folder was not written by dsv4 quantize"
     ):
-        _check_paths(src, dst, overwrite=True)
+        check_output_paths(src, dst, overwrite=True)
     (dst / REPORT_NAME).write_text("{}")
-    _check_paths(src, dst, overwrite=True)  # an export dsv4 quantize wrote may be replaced
+    check_output_paths(src, dst, overwrite=True)  # an export dsv4 quantize wrote may be replaced
 
 
 # ---- --resume proves the input did not change ------------------------------------------------------
