@@ -8,7 +8,17 @@ generated from this table (the same test keeps the file equal).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The user's notes, beside the clone as CI has them (../shared/seeds); not part of the repository.
+SEED_NOTES = ROOT.parent / "shared" / "seeds"
+# What the notes record, extracted by EXTRACTION_RULES and committed so that the catalogue is checked
+# against the notes even where they are absent (tests/unit/test_failures.py re-extracts when present).
+SEED_FAILURES_FILE = ROOT / "fixtures" / "seed_failures.json"
 
 LAPTOP = "on a laptop, in seconds, before anything is rented"
 LAPTOP_QUANT = "on a laptop (quant env), in minutes, before anything is rented"
@@ -30,6 +40,7 @@ class Failure:
 _HF = "tests/unit/test_hf_ptq_driver.py::"
 _SR = "tests/unit/test_serving_regressions.py::"
 _Q = "tests/tiny/test_quantize.py::"
+_FC = "tests/unit/test_fix_config.py::"
 
 CATALOGUE: tuple[Failure, ...] = (
     Failure(
@@ -37,6 +48,7 @@ CATALOGUE: tuple[Failure, ...] = (
         "FP8 release handed to quantization: o_b_proj shape mismatch in batch probing",
         (
             _Q + "test_run1_release_fp8_source_is_refused_before_loading",
+            _HF + "test_quantize_cli_hf_ptq_driver_refuses_a_release_fp8_source",
             "tests/unit/test_checkpoint_validate.py::test_fp8_checkpoint_where_bf16_is_needed",
         ),
         "unit, tiny",
@@ -133,6 +145,9 @@ CATALOGUE: tuple[Failure, ...] = (
             _Q + "test_every_patch_target_matches_the_installed_modelopt",
             _Q + "test_seeds_patch_on_the_moved_export_fused_experts_is_never_reached",
             _Q + "test_a_changed_signature_is_refused",
+            _Q + "test_a_drifted_patch_target_is_a_one_line_refusal",
+            _Q + "test_report_records_patches_reached_and_versions",
+            _Q + "test_hf_ptq_driver_refuses_an_export_that_never_reached_the_patches",
             "tests/b200/test_node_preflight.py::test_modelopt_patch_targets_are_present",
         ),
         "tiny",
@@ -266,6 +281,88 @@ CATALOGUE: tuple[Failure, ...] = (
         LAPTOP,
     ),
     Failure(
+        "Config 1",
+        "the export lacks compress_ratios (transformers 5.8 renamed it compress_rates); vLLM indexes it by layer",
+        (
+            _FC + "test_missing_compress_ratios_is_restored",
+            _FC + "test_compress_ratios_match_the_real_release",
+        ),
+        "unit",
+        f"{LAPTOP}; `dsv4 fix-config` writes it",
+    ),
+    Failure(
+        "Config 2",
+        "the export lacks quantization_config.scale_fmt; vLLM needs 'ue8m0'",
+        (_FC + "test_missing_scale_fmt_is_added",),
+        "unit",
+        f"{LAPTOP}; `dsv4 fix-config` writes it",
+    ),
+    Failure(
+        "Config 3",
+        "rope_parameters nested per component (transformers 5.8); vLLM reads a flat dict",
+        (
+            _FC + "test_nested_rope_is_flattened_from_the_yarn_subdict",
+            _FC + "test_rope_thetas_restored_from_nested_params",
+        ),
+        "unit",
+        f"{LAPTOP}; `dsv4 fix-config` flattens it (from the YaRN sub-dict, not 'main' as the seeds did)",
+    ),
+    Failure(
+        "Config 4",
+        "rope_scaling nested the same way",
+        (
+            _FC + "test_nested_rope_is_flattened_from_the_yarn_subdict",
+            _FC + "test_rope_from_047_export_without_rope_scaling",
+        ),
+        "unit",
+        f"{LAPTOP}; `dsv4 fix-config` writes the release's rope_scaling",
+    ),
+    Failure(
+        "low_memory_mode",
+        "hf_ptq --low_memory_mode: meta device errors with V4",
+        (_HF + "test_low_memory_mode_is_never_passed_to_hf_ptq",),
+        "unit",
+        LAPTOP,
+    ),
+    Failure(
+        "calib_size=256",
+        "256 calibration samples ran out of memory with 3 TB of BF16 offloaded to CPU",
+        (_HF + "test_calib_size_above_run_11s_128_is_refused_on_the_node",),
+        "unit",
+        f"{LAPTOP}; `dsv4 quantize --driver hf_ptq` refuses more than Run 11's 128",
+    ),
+    Failure(
+        "kernels package",
+        "transformers' FP8 ops need the `kernels` package: they ran because the source was FP8",
+        (
+            _Q + "test_run1_release_fp8_source_is_refused_before_loading",
+            _HF + "test_quantize_cli_hf_ptq_driver_refuses_a_release_fp8_source",
+        ),
+        "unit, tiny",
+        f"{LAPTOP}; both drivers take only the BF16 checkpoint, so no FP8 op runs in quantization",
+    ),
+    Failure(
+        "activation-scale assert",
+        "export died on assert torch.all(activation_scaling_factor > 0): an input amax of 0 or NaN",
+        (
+            _Q + "test_clamp_patch_turns_the_045_assert_into_a_reported_clamp",
+            _Q + "test_modelopt_047_substitutes_maxbound_for_a_zero_input_amax",
+        ),
+        "tiny",
+        LAPTOP_QUANT,
+    ),
+    Failure(
+        "w1/w3 weight_scale_2",
+        "vLLM warned w1_weight_scale_2 must match w3_weight_scale_2 and kept w1's for the fused w13",
+        (
+            "tests/unit/test_convert.py::test_w1_w3_global_scales_are_unified_and_the_error_is_measured",
+            "tests/unit/test_convert.py::test_hf_ptq_mtp_block_is_quantized_without_the_release",
+            _Q + "test_w1_and_w3_share_their_global_scale",
+        ),
+        "unit, tiny",
+        f"{LAPTOP}; `dsv4 convert` gives both the larger global scale and reports the error",
+    ),
+    Failure(
         "S15",
         "BFloat16 != Float8_e4m3fn: FP8 put where vLLM computes in BF16",
         (_SR + "test_s11_s13_s13_5_s15_every_non_expert_tensor_has_the_release_dtype_and_shape",),
@@ -274,11 +371,273 @@ CATALOGUE: tuple[Failure, ...] = (
     ),
 )
 
-SEED_FAILURES: tuple[str, ...] = (
-    *(f"Run {i}" for i in range(1, 12)),
-    *(f"S{i}" for i in range(1, 16)),
-    "S13.5",
+_OS = "tests/unit/test_output_safety.py::"
+_HR = "tests/unit/test_hostile_reading.py::"
+_HI = "tests/full/test_hostile_inputs.py::"
+_SIG = "tests/full/test_signals.py::"
+_HC = "tests/full/test_hostile_concurrent.py::"
+_HQ = "tests/tiny/test_hostile_quantize.py::"
+LAPTOP_SLOW = "on a laptop, `tox -e unit` (slow tier), in minutes, before anything is rented"
+
+# What the project's own reviews found (issues 13 and 17): the bug -> the tests that fail when it is
+# re-introduced. Same checks as the seed catalogue (every named test exists; docs/failures.md is this).
+FINDINGS: tuple[Failure, ...] = (
+    Failure(
+        "#13 overwrite",
+        "`--overwrite` deleted a folder no dsv4 run wrote (the release, by a slip for --graft-from)",
+        (
+            _OS + "test_overwrite_refuses_a_folder_dsv4_did_not_write",
+            _OS + "test_overwrite_refuses_our_output_holding_a_stray_file",
+            _OS + "test_quantize_overwrite_refuses_a_folder_without_its_report",
+            _HI + "test_overwrite_of_a_folder_no_dsv4_run_wrote_is_refused",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 resume changed input",
+        "`--resume` kept shards made from other input bytes and reported success",
+        (
+            _OS + "test_resume_refuses_an_input_changed_since_the_run_began",
+            _OS + "test_an_input_changed_while_being_read_leaves_no_index",
+            _HI + "test_resume_after_the_input_changed_is_refused",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 two runs",
+        "two runs into one output folder raced on the progress journal",
+        (
+            _OS + "test_a_second_run_is_refused_naming_the_holder",
+            _OS + "test_writer_lock_file_is_removed_and_a_stale_one_is_ours",
+            _HC + "test_second_run_into_a_folder_being_written_is_refused",
+            _HC + "test_lock_left_by_a_killed_run_does_not_block_resume",
+            _HQ + "test_second_quantize_into_a_destination_being_written_is_refused",
+        ),
+        "unit, slow, tiny",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 FIFO",
+        "a shard, index or config that is a FIFO blocked every command forever",
+        (
+            _HR + "test_a_shard_that_is_a_fifo_is_refused_without_opening_it",
+            _HR + "test_an_index_or_config_that_is_a_fifo_is_refused",
+            _HR + "test_fix_config_refuses_a_fifo_config",
+            _HI + "test_non_regular_input_file_is_refused_without_hanging",
+        ),
+        "unit, slow",
+        f"{LAPTOP}; {AT_STEP}",
+    ),
+    Failure(
+        "#13 outside the folder",
+        "a weight_map entry `../x` or absolute was opened and validated; subfolders vLLM ignores passed",
+        (
+            _HR + "test_a_shard_outside_the_top_folder_is_refused",
+            _HI + "test_weight_map_entry_outside_the_folder_is_refused",
+        ),
+        "unit, slow",
+        f"{LAPTOP}; {AT_STEP}",
+    ),
+    Failure(
+        "#13 unsampled scale",
+        "a zero/NaN/Inf/negative weight_scale_2 validation did not sample: ValueError traceback in convert",
+        (
+            _HR + "test_convert_names_an_unsampled_bad_weight_scale_2",
+            _HR + "test_an_action_refusing_a_value_names_the_file_and_key",
+            _HI + "test_bad_scale_outside_the_validation_sample_is_refused",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 Ctrl-C",
+        "Ctrl-C printed a KeyboardInterrupt traceback instead of what is on disk and --resume",
+        (
+            _OS + "test_ctrl_c_says_what_is_kept_and_resume_finishes",
+            "tests/full/test_interrupt_resume.py::test_dequant_sigint_then_resume_is_byte_identical",
+            "tests/full/test_interrupt_resume.py::test_convert_sigint_then_resume_is_byte_identical",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 OSError",
+        "a read-only output file system gave a traceback, and the cleanup's error hid the first",
+        (
+            _OS + "test_read_only_output_is_one_line_naming_the_shard",
+            _OS + "test_a_failing_cleanup_does_not_hide_the_first_error",
+            _OS + "test_an_os_error_no_step_caught_is_still_one_line",
+            _HI + "test_read_only_output_file_system_is_one_line",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 quantize refusals",
+        "`dsv4 quantize` into a file, or without ModelOpt, gave a traceback",
+        (
+            _HF + "test_quantize_into_a_file_is_refused",
+            _HF + "test_quantize_without_modelopt_names_the_package_and_how_to_install_it",
+            _HI + "test_output_path_that_is_a_file_is_refused",
+            _HI + "test_quantize_without_modelopt_is_one_line",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 PatchTargetError",
+        "a drifted ModelOpt patch target: traceback and exit 1 instead of one line and exit 2",
+        (_Q + "test_a_drifted_patch_target_is_a_one_line_refusal",),
+        "tiny",
+        LAPTOP_QUANT,
+    ),
+    Failure(
+        "#13 quantization_config",
+        "validate accepted a quant_method that does not describe the tensors; slice copied it on",
+        (
+            _HR + "test_a_quantization_config_that_does_not_describe_the_tensors",
+            _HI + "test_quantization_config_that_does_not_describe_the_tensors_is_refused",
+        ),
+        "unit, slow",
+        f"{LAPTOP}; {AT_STEP}",
+    ),
+    Failure(
+        "#13 NaN values",
+        "dequant wrote an all-NaN tensor from an unsampled NaN scale; NaN FP8 weights passed silently",
+        (
+            _HR + "test_dequant_stops_at_a_bad_value_before_its_shard_completes",
+            _HI + "test_nan_weight_is_refused_naming_it",
+        ),
+        "unit, slow",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 duplicate key",
+        "a key twice in one header was reported as a problem with an unrelated key",
+        (
+            _HR + "test_a_key_twice_in_a_header_is_named",
+            _HI + "test_key_twice_in_one_header_is_refused_naming_it",
+        ),
+        "unit, slow",
+        f"{LAPTOP}; {AT_STEP}",
+    ),
+    Failure(
+        "#13 transcode report",
+        "the below-window report broadcast to [n, n, 32]: wrong error, quadratic memory (OOM on the node)",
+        (
+            "tests/unit/test_transcode_report.py::test_relative_and_max_error_match_an_independent_decode",
+            "tests/unit/test_transcode_report.py::test_report_memory_is_linear_in_the_blocks_below_the_window",
+        ),
+        "unit",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 fsync",
+        "nothing checked that shards are fsynced before they are renamed",
+        (_OS + "test_each_shard_is_fsynced_before_its_rename_and_the_dir_after",),
+        "unit",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 MTP global scale",
+        "the MTP BF16->NVFP4 global-scale test had equal amax, so min instead of max passed",
+        ("tests/unit/test_convert.py::test_hf_ptq_mtp_block_is_quantized_without_the_release",),
+        "unit",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 CI skips",
+        "without ../shared the unit tier skipped the only check of release_layout against the real table",
+        ("tests/unit/test_release_layout.py::test_without_the_reference_ci_fails_where_a_fresh_clone_skips",),
+        "unit",
+        LAPTOP,
+    ),
+    Failure(
+        "#13 validate mid-run",
+        "`dsv4 validate` called a folder a run was still writing (no index yet) a valid checkpoint",
+        (_HC + "test_validate_of_a_folder_being_written_does_not_call_it_valid",),
+        "slow",
+        LAPTOP_SLOW,
+    ),
+    Failure(
+        "#13 quantize paths",
+        "the hf_ptq driver exported into a non-empty, foreign or source folder; a foreign DST.calibration "
+        "was deleted; a bad --calib-file cost a model load or gave a traceback",
+        (
+            _HQ + "test_hf_ptq_driver_refuses_a_destination_it_must_not_write",
+            _HQ + "test_a_foreign_folder_where_the_calibrated_state_goes_is_refused",
+            _HQ + "test_calibration_file_it_cannot_use_is_refused_before_loading",
+            _HQ + "test_non_regular_input_file_is_refused_without_hanging",
+        ),
+        "tiny",
+        LAPTOP_QUANT,
+    ),
+    Failure(
+        "#17 SIGINT ignored",
+        "a step started under nohup inherited SIGINT ignored and never stopped gracefully",
+        (
+            _SIG + "test_signal_sensitive_tests_pass_with_sigint_ignored",
+            _SIG + "test_popen_gives_the_child_sigint_at_its_default",
+        ),
+        "slow",
+        LAPTOP_SLOW,
+    ),
+    Failure(
+        "#17 orphans",
+        "a killed step's own-session children (the vLLM server) outlived it and kept the GPUs",
+        (
+            _SIG + "test_a_killed_step_leaves_no_process_behind",
+            _SIG + "test_kill_tree_takes_descendants_started_after_the_snapshot",
+            "tests/full/test_serve_run.py::test_an_interrupted_serve_step_stops_its_server",
+        ),
+        "slow",
+        LAPTOP_SLOW,
+    ),
 )
+
+
+# (pattern over one line of a note, id template): each way the notes record a failure. A failure is the
+# first line that matches, per id; the committed list keeps that line so a reviewer can see the source.
+EXTRACTION_RULES: tuple[tuple[str, str], ...] = (
+    (r"^\| (\d+) \| May ", "Run {}"),  # the quantization run history tables
+    (r"^\| S(\d+) \| ", "S{}"),  # the serving run history table (S1-S10)
+    (r"\bS(\d+(?:\.\d+)?)(?: — |→| fixes applied)", "S{}"),  # the serving session notes (S11-S15, S13.5)
+    (r"^\| (\d+) \| [a-z_.]+ \|\s*$", "Config {}"),  # the post-export config.json patches table
+    (r"--low_memory_mode", "low_memory_mode"),
+    (r"calib_size=256", "calib_size=256"),
+    (r"kernels ?package for FP8 ops", "kernels package"),
+    (r"assert torch\.all\(activation_scaling_factor > 0\)", "activation-scale assert"),
+    (r"w1_weight_scale_2 must match w3_weight_scale_2", "w1/w3 weight_scale_2"),
+)
+
+
+def extract_seed_failures(notes: Path = SEED_NOTES) -> list[dict[str, str]]:
+    """Every failure the notes record: [{id, note, line}] in order of first appearance (notes sorted by
+    name, lines in order, rules in order), ``line`` the stripped line that records it (up to 160 chars)."""
+    found: dict[str, dict[str, str]] = {}
+    for note in sorted(notes.glob("*.txt")):
+        for line in note.read_text(encoding="utf-8").splitlines():
+            for pattern, template in EXTRACTION_RULES:
+                for match in re.finditer(pattern, line):
+                    fid = template.format(*match.groups())
+                    found.setdefault(fid, {"id": fid, "note": note.name, "line": line.strip()[:160]})
+    return list(found.values())
+
+
+def recorded_seed_failures(path: Path = SEED_FAILURES_FILE) -> list[dict[str, str]]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+SEED_FAILURES: tuple[str, ...] = tuple(f["id"] for f in recorded_seed_failures())
+
+
+def _display_order(failure: Failure) -> tuple[int, float]:
+    """Runs, then serving attempts, then the rest, each in the order the notes record them."""
+    kind = 0 if failure.id.startswith("Run ") else 1 if re.fullmatch(r"S[\d.]+", failure.id) else 2
+    number = re.search(r"[\d.]+", failure.id)
+    return kind, float(number[0]) if kind < 2 and number else SEED_FAILURES.index(failure.id)
 
 
 def markdown() -> str:
@@ -286,9 +645,12 @@ def markdown() -> str:
     lines = [
         "# Failure catalogue",
         "",
-        "Every failure in the seeds (quantization Runs 1–11, serving attempts S1–S15) → the tests that",
-        "catch it → the tier that runs them → when they fire. Generated from `harness/failures.py`;",
-        "`tests/unit/test_failures.py` checks that every seed failure has a row, every row names tests,",
+        "Every failure the seeds' notes record (quantization Runs 1–11, serving attempts S1–S15, the four",
+        "config.json patches and the other failures of their bug lists) → the tests that catch it → the",
+        "tier that runs them → when they fire. Generated from `harness/failures.py`; the list of failures",
+        "is `fixtures/seed_failures.json`, extracted from the notes by `harness.failures.EXTRACTION_RULES`",
+        "(each entry quotes the line that records it). `tests/unit/test_failures.py` re-extracts it from",
+        "`../shared/seeds` when present, and checks that every failure has a row, every row names tests,",
         "every named test exists, and that this file equals the table. Regenerate:",
         "",
         "```",
@@ -298,7 +660,22 @@ def markdown() -> str:
         "| failure | what happened | caught by | tier | fires |",
         "|---|---|---|---|---|",
     ]
-    for f in sorted(CATALOGUE, key=lambda f: SEED_FAILURES.index(f.id)):
-        tests = "<br>".join(f"`{t}`" for t in f.tests)
-        lines.append(f"| {f.id} | {f.what} | {tests} | {f.tier} | {f.fires} |")
+    for f in sorted(CATALOGUE, key=_display_order):
+        lines.append(_row(f))
+    lines += [
+        "",
+        "## Found by the project's own reviews",
+        "",
+        "Bugs the hostile-input review (issue 13) and the signal review (issue 17) found in this project:",
+        "each row names the tests that fail when that bug is put back (`harness.failures.FINDINGS`).",
+        "",
+        "| finding | what happened | caught by | tier | fires |",
+        "|---|---|---|---|---|",
+        *(_row(f) for f in FINDINGS),
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _row(f: Failure) -> str:
+    tests = "<br>".join(f"`{t}`" for t in f.tests)
+    return f"| {f.id} | {f.what} | {tests} | {f.tier} | {f.fires} |"

@@ -16,9 +16,9 @@ import re
 import pytest
 import torch
 
+from harness.format_reference import fp8_block_codes, fp8_block_values, nvfp4_values
 from pipeline import mapping as M
 from pipeline.checkpoint import Checkpoint
-from pipeline.formats import fp8_block_dequantize, fp8_block_quantize, nvfp4_dequantize
 from pipeline.release_layout import release_weights
 
 pytestmark = pytest.mark.unit
@@ -38,12 +38,13 @@ def seeds_case(exports, converted):
 
 
 def nvfp4(export: dict, h_module: str, dtype=torch.float32) -> torch.Tensor:
-    return nvfp4_dequantize(
+    """The export's NVFP4 values, decoded by harness.format_reference from the format's definition (not
+    by pipeline.formats, which the converter under test uses)."""
+    return nvfp4_values(
         export[h_module + ".weight"],
         export[h_module + ".weight_scale"],
-        export[h_module + ".weight_scale_2"],
-        dtype,
-    )
+        float(export[h_module + ".weight_scale_2"]),
+    ).to(dtype)
 
 
 def test_s1_s4_expert_projections_land_on_w1_w2_w3_under_ffn(seeds_case):
@@ -164,13 +165,14 @@ def test_s11_s13_s13_5_s15_every_non_expert_tensor_has_the_release_dtype_and_sha
 
 def test_s13_5_wo_a_is_the_exports_bf16_quantized_to_fp8_tiles(seeds_case):
     """S13.5: wo_a arrives BF16 (ModelOpt does not quantize the grouped linear); the output is exactly
-    our FP8 block quantization of it, and dequantizes back within FP8's rounding."""
+    DeepSeek's FP8 block quantization of it (re-derived from the format's definition in
+    harness.format_reference), and dequantizes back within FP8's rounding."""
     export, out, _ = seeds_case
     src = export["model.layers.0.self_attn.o_a_proj.weight"]
-    q, s = fp8_block_quantize(src)
-    assert torch.equal(out["layers.0.attn.wo_a.weight"].view(torch.uint8), q.view(torch.uint8))
-    assert torch.equal(out["layers.0.attn.wo_a.scale"].view(torch.uint8), s.view(torch.uint8))
-    back = fp8_block_dequantize(q, s, dtype=torch.float32)
+    q, s = fp8_block_codes(src)
+    assert torch.equal(out["layers.0.attn.wo_a.weight"].view(torch.uint8), q)
+    assert torch.equal(out["layers.0.attn.wo_a.scale"].view(torch.uint8), s)
+    back = fp8_block_values(out["layers.0.attn.wo_a.weight"], out["layers.0.attn.wo_a.scale"])
     assert (back - src.float()).abs().max() <= src.float().abs().max() / 16  # e4m3: 3 mantissa bits
 
 
@@ -181,9 +183,7 @@ def test_s14_negative_codes_survive_the_nvfp4_to_fp8_requant(seeds_case):
     export, out, _ = seeds_case
     for h, native in (("q_a_proj", "wq_a"), ("kv_proj", "wkv"), ("o_b_proj", "wo_b")):
         ref = nvfp4(export, f"model.layers.1.self_attn.{h}")
-        have = fp8_block_dequantize(
-            out[f"layers.1.attn.{native}.weight"], out[f"layers.1.attn.{native}.scale"], dtype=torch.float32
-        )
+        have = fp8_block_values(out[f"layers.1.attn.{native}.weight"], out[f"layers.1.attn.{native}.scale"])
         nz = ref != 0
         assert (ref < 0).any() and torch.equal(torch.sign(have[nz]), torch.sign(ref[nz])), h
         sqnr = 10 * torch.log10(ref.pow(2).sum() / (have - ref).pow(2).sum())
