@@ -6,28 +6,34 @@ import functools
 
 import pytest
 
-from harness.markers import TIERS, TIERS_BY_NAME, required_tiers
+from harness.markers import REFERENCE, REQUIREMENTS_BY_NAME, TIERS, required_tiers
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for tier in TIERS:
+    for tier in (*TIERS, REFERENCE):
         config.addinivalue_line("markers", f"{tier.name}: {tier.description} (runs in: {tier.provided_by})")
-    # An env that exists to run a tier (tox sets DSV4_REQUIRE) must not pass by skipping it.
+    # An env that exists to run a tier (tox sets DSV4_REQUIRE) must not pass by skipping it; CI must not
+    # pass by skipping the checks against the reference data beside the clone.
     for name in sorted(required_tiers()):
         why = _missing(name)
         if why is not None:
-            raise pytest.UsageError(f"DSV4_REQUIRE names tier '{name}' but {why}")
+            origin = (
+                "CI is set (it needs ../shared beside the clone)"
+                if name == REFERENCE.name
+                else "DSV4_REQUIRE"
+            )
+            raise pytest.UsageError(f"{origin}: requirement '{name}' is not met: {why}")
 
 
 @functools.cache
 def _missing(tier_name: str) -> str | None:
-    return TIERS_BY_NAME[tier_name].missing()
+    return REQUIREMENTS_BY_NAME[tier_name].missing()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         for mark in item.iter_markers():
-            tier = TIERS_BY_NAME.get(mark.name)
+            tier = REQUIREMENTS_BY_NAME.get(mark.name)
             why = _missing(tier.name) if tier else None
             if why is not None:
                 item.add_marker(

@@ -11,6 +11,7 @@ import pytest
 
 from harness.checkpoints import build_tiny_checkpoint
 from harness.exports import build_synthetic_export
+from harness.markers import require_reference
 from harness.replica import build_replica, clone_replica, reference_missing
 from pipeline.convert import convert_checkpoint
 
@@ -19,9 +20,8 @@ from pipeline.convert import convert_checkpoint
 def release_replica(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 64-shard, 145,116-key replica of the release: real headers, holes for data. Do not mutate it;
     use ``replica_copy``. Skips, saying why, when ../shared/reference is not there."""
-    why = reference_missing()
-    if why:
-        pytest.skip(f"{why} (the sparse replica is built from ../shared/reference next to the repo)")
+    if reference_missing():
+        require_reference("the sparse replica of the release")  # CI: fails, never skips
     return build_replica(tmp_path_factory.mktemp("release-replica"))
 
 

@@ -2,23 +2,21 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
+from harness import replica
+from harness.markers import require_reference
 from pipeline.release_layout import FP8, MXFP4, layer_kind, release_tensors, release_weights
 
 pytestmark = pytest.mark.unit
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "deepseek-v4-pro"
-
 
 @pytest.fixture(scope="module")
 def reference():
-    if not (REFERENCE / "weights.tsv.gz").exists():
-        pytest.skip(f"{REFERENCE} is absent: the V4 Pro reference table sits in ../shared next to the repo")
-    config = json.loads((REFERENCE / "config.json").read_text())
-    with gzip.open(REFERENCE / "weights.tsv.gz", "rt") as fh:
+    require_reference("the check of release_layout against the real V4 Pro table")  # CI: fails, never skips
+    config = json.loads(replica.REFERENCE_CONFIG.read_text())
+    with gzip.open(replica.WEIGHTS_TSV, "rt") as fh:
         rows = [line.rstrip("\n").split("\t") for line in fh][1:]
     table = {
         key: (dtype, tuple(int(d) for d in shape.split("x")) if shape else ())
@@ -70,3 +68,18 @@ def test_formats_per_weight(reference):
     assert fmts["layers.2.attn.indexer.wq_b"] == FP8
     assert fmts["mtp.0.e_proj"] == FP8
     assert fmts["layers.2.attn.indexer.weights_proj.weight"] not in (FP8, MXFP4)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_without_the_reference_ci_fails_where_a_fresh_clone_skips(ci, monkeypatch, tmp_path):
+    """These tests are the only check of release_layout against the real V4 Pro table: on CI (tox passes
+    CI through) a missing ../shared must fail the run, not quietly skip them; a user's clone skips."""
+    from harness import markers
+
+    monkeypatch.setattr(replica, "WEIGHTS_TSV", tmp_path / "absent.tsv.gz")
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.delenv("DSV4_REQUIRE", raising=False)
+    assert ("reference" in markers.required_tiers()) == bool(ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match=r"absent\.tsv\.gz"):
+        markers.require_reference("this check")

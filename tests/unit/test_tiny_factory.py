@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from harness.markers import require_reference
 from harness.tiny import INDEX_NAME, PRESETS, build_tiny_release, tiny_config
 from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize, ue8m0_decode
 from pipeline.release_layout import FP8, MXFP4, layer_kind, release_tensors, release_weights
@@ -95,8 +96,7 @@ def test_config_is_in_the_release_style():
 
 
 def test_config_has_the_real_release_keys():
-    if not REFERENCE_CONFIG.exists():
-        pytest.skip(f"{REFERENCE_CONFIG} is absent (../shared next to the repo)")
+    require_reference("the check of the embedded release config against the real one")
     real = json.loads(REFERENCE_CONFIG.read_text())
     from harness.tiny import _RELEASE_CONFIG
 

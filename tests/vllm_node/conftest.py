@@ -23,7 +23,7 @@ VERIFIED = (
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    passed = [r for r in terminalreporter.stats.get("passed", []) if "tests/vllm_node/" in r.nodeid]
+    passed = [r for r in terminalreporter.stats.get("passed", []) if "test_node_vllm_loads.py" in r.nodeid]
     if passed and exitstatus == 0:  # say what the tier verified, and that no kernel ran
         terminalreporter.write_line(VERIFIED.format(version=vllm_node.wanted_version()))
 
