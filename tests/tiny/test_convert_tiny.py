@@ -25,7 +25,7 @@ from harness.exports import build_synthetic_export
 from harness.quantized import dequantized_export
 from harness.reference import compare, load_reference, logits, reference_batch
 from harness.vllm_view import effective_weights, write_effective_checkpoint
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import JOURNAL_NAME, Checkpoint
 from pipeline.convert import REPORT_NAME, convert_checkpoint
 from tests.tiny.helpers import read_tensors, renamed_export
 
@@ -113,7 +113,8 @@ def scores(cases, scorer) -> dict[str, dict[str, float]]:
 def test_dialects_h_and_x_convert_to_identical_checkpoints(cases):
     for recipe in ("experts", "full"):
         x, h = tree_digest(cases[f"{recipe}-X"][1]), tree_digest(cases[f"{recipe}-H"][1])
-        x.pop(REPORT_NAME), h.pop(REPORT_NAME)
+        x.pop(REPORT_NAME), h.pop(REPORT_NAME)  # records the dialect and rule names, which differ
+        x.pop(JOURNAL_NAME), h.pop(JOURNAL_NAME)  # fingerprints its own input folder
         assert x == h, recipe
 
 
@@ -217,12 +218,21 @@ def test_sqnr_of_nvfp4_to_fp8_requant_vs_direct_bf16_to_fp8(modelopt_exports, mi
     assert 15 < db < 40
 
 
-def test_transcode_is_at_least_as_close_as_experts_and_here_exact(scores, scorer, cases, tmp_path):
+def test_transcode_is_at_least_as_close_as_experts_and_here_exact(
+    scores, scorer, cases, micro_bf16, tmp_path
+):
     """--experts transcode keeps the release's expert values exactly (the micro release's exponents fit
-    the e4m3 window), and grafts the rest: the vLLM view computes the BF16 model's logits bit for bit, so
-    KL is 0 where re-quantizing the BF16 experts (the experts recipe) is not."""
+    the e4m3 window), and grafts the rest: the vLLM view holds the BF16 model's weights bit for bit and
+    computes its logits bit for bit, where re-quantizing the BF16 experts (the experts recipe) does not."""
     assert scores["experts-X-transcode"]["kl"] <= scores["experts-X"]["kl"] <= scores["full-X"]["kl"]
     view = effective_weights(cases["experts-X-transcode"][1])
     model, _ = load_reference(write_effective_checkpoint(view, tmp_path / "transcode"))
-    assert torch.equal(logits(model, scorer.tokens), scorer.ref)
-    assert scores["experts-X-transcode"]["kl"] == 0.0 and scores["experts-X-transcode"]["top1"] == 1.0
+    base, _ = load_reference(micro_bf16)
+    want, have = base.state_dict(), model.state_dict()
+    assert want.keys() == have.keys()
+    assert all(torch.equal(have[k], want[k]) for k in want)
+    # Both forwards here, back to back: the module's reference logits were computed earlier in this
+    # process and a later forward of the very same weights differs from them by ~5e-6 on this CPU
+    # (process state, not the weights), so bit-equality is checked between like and like.
+    assert torch.equal(logits(model, scorer.tokens), logits(base, scorer.tokens))
+    assert scores["experts-X-transcode"]["kl"] < 1e-9 and scores["experts-X-transcode"]["top1"] == 1.0
