@@ -49,9 +49,13 @@ def main() -> int:
     args = p.parse_args()
 
     trees = {"ours": ROOT}
-    with tempfile.TemporaryDirectory(prefix="unit-tier-baseline-") as tmp:
+    # Beside this checkout, so that its ../shared is the same reference data: a baseline without it would
+    # skip the reference tests and look faster than it is.
+    with tempfile.TemporaryDirectory(
+        prefix=".unit-tier-baseline-", dir=ROOT.parent, ignore_cleanup_errors=True
+    ) as tmp:
         if args.baseline:
-            base = Path(tmp) / "tree"
+            base = Path(tmp)
             subprocess.run(
                 ["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=ROOT, check=True
             )

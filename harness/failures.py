@@ -371,7 +371,7 @@ CATALOGUE: tuple[Failure, ...] = (
     ),
 )
 
-_OS = "tests/unit/test_output_safety.py::"
+_OS = "tests/full/test_output_safety.py::"
 _HR = "tests/unit/test_hostile_reading.py::"
 _HI = "tests/full/test_hostile_inputs.py::"
 _SIG = "tests/full/test_signals.py::"
@@ -390,9 +390,10 @@ FINDINGS: tuple[Failure, ...] = (
             _OS + "test_overwrite_refuses_our_output_holding_a_stray_file",
             _OS + "test_quantize_overwrite_refuses_a_folder_without_its_report",
             _HI + "test_overwrite_of_a_folder_no_dsv4_run_wrote_is_refused",
+            _HQ + "test_overwrite_of_a_folder_dsv4_quantize_did_not_write_is_refused",
         ),
-        "unit, slow",
-        LAPTOP,
+        "slow, tiny",
+        LAPTOP_SLOW,
     ),
     Failure(
         "#13 resume changed input",
@@ -402,8 +403,8 @@ FINDINGS: tuple[Failure, ...] = (
             _OS + "test_an_input_changed_while_being_read_leaves_no_index",
             _HI + "test_resume_after_the_input_changed_is_refused",
         ),
-        "unit, slow",
-        LAPTOP,
+        "slow",
+        LAPTOP_SLOW,
     ),
     Failure(
         "#13 two runs",
@@ -415,8 +416,8 @@ FINDINGS: tuple[Failure, ...] = (
             _HC + "test_lock_left_by_a_killed_run_does_not_block_resume",
             _HQ + "test_second_quantize_into_a_destination_being_written_is_refused",
         ),
-        "unit, slow, tiny",
-        LAPTOP,
+        "slow, tiny",
+        LAPTOP_SLOW,
     ),
     Failure(
         "#13 FIFO",
@@ -459,8 +460,8 @@ FINDINGS: tuple[Failure, ...] = (
             "tests/full/test_interrupt_resume.py::test_dequant_sigint_then_resume_is_byte_identical",
             "tests/full/test_interrupt_resume.py::test_convert_sigint_then_resume_is_byte_identical",
         ),
-        "unit, slow",
-        LAPTOP,
+        "slow",
+        LAPTOP_SLOW,
     ),
     Failure(
         "#13 OSError",
@@ -469,10 +470,11 @@ FINDINGS: tuple[Failure, ...] = (
             _OS + "test_read_only_output_is_one_line_naming_the_shard",
             _OS + "test_a_failing_cleanup_does_not_hide_the_first_error",
             _OS + "test_an_os_error_no_step_caught_is_still_one_line",
+            _OS + "test_an_output_dir_that_cannot_be_created_is_one_line",
             _HI + "test_read_only_output_file_system_is_one_line",
         ),
-        "unit, slow",
-        LAPTOP,
+        "slow",
+        LAPTOP_SLOW,
     ),
     Failure(
         "#13 quantize refusals",
@@ -528,17 +530,17 @@ FINDINGS: tuple[Failure, ...] = (
         "the below-window report broadcast to [n, n, 32]: wrong error, quadratic memory (OOM on the node)",
         (
             "tests/unit/test_transcode_report.py::test_relative_and_max_error_match_an_independent_decode",
-            "tests/unit/test_transcode_report.py::test_report_memory_is_linear_in_the_blocks_below_the_window",
+            "tests/full/test_transcode_report_memory.py::test_report_memory_is_linear_in_the_blocks_below_the_window",
         ),
-        "unit",
+        "unit, slow",
         LAPTOP,
     ),
     Failure(
         "#13 fsync",
         "nothing checked that shards are fsynced before they are renamed",
         (_OS + "test_each_shard_is_fsynced_before_its_rename_and_the_dir_after",),
-        "unit",
-        LAPTOP,
+        "slow",
+        LAPTOP_SLOW,
     ),
     Failure(
         "#13 MTP global scale",
