@@ -173,12 +173,12 @@ def test_same_seed_is_byte_identical_and_another_seed_is_not(tmp_path):
     def files(path: Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
-    for preset in PRESETS:
-        a = files(build_tiny_release(tmp_path / f"{preset}-a", preset, seed=0))
-        b = files(build_tiny_release(tmp_path / f"{preset}-b", preset, seed=0))
-        assert a == b
+    # micro only: the presets differ in their config, not in the code that draws and writes the tensors
+    # (building vllm-shaped twice took most of this test's second)
+    a = files(build_tiny_release(tmp_path / "micro-a", "micro", seed=0))
+    b = files(build_tiny_release(tmp_path / "micro-b", "micro", seed=0))
+    assert a == b
     c = files(build_tiny_release(tmp_path / "micro-c", "micro", seed=1))
-    a = files(tmp_path / "micro-a")
     assert c.keys() == a.keys() and c["config.json"] == a["config.json"]
     assert all(c[n] != a[n] for n in a if n.endswith(".safetensors"))
 
