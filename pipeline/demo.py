@@ -1,17 +1,13 @@
-"""`dsv4 demo`: every format conversion of the pipeline on one realistic routed-expert tensor.
-
-Until the tiny-model end to end lands, this is the README's "main job": it needs nothing but torch and
-runs in seconds. Each row is one conversion a pipeline step performs, with the error it adds and whether
-it is exact.
+"""Every format conversion of the pipeline on one realistic routed-expert tensor: the rows `dsv4 demo`
+prints (pipeline/cli/demo.py), each one conversion a pipeline step performs, with the error it adds and
+whether it is exact. Also the synthetic expert weight the format tests and benchmarks share.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -159,34 +155,3 @@ def format_table(rows: list[Row], shape: tuple[int, int]) -> str:
         "power-of-two scales) are exact; quantizing to NVFP4 from BF16 re-rounds every block.\n"
     )
     return header + "\n".join(text) + "\n" + notes
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="run every format conversion on a realistic expert tensor and print a table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--rows", type=int, default=3072, help="output features (default: V4 Pro w1, 3072)")
-    parser.add_argument(
-        "--cols", type=int, default=7168, help="input features, a multiple of 32 (default: 7168)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random seed of the synthetic weight (default: 0)"
-    )
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from pipeline.errors import DsV4Error
-
-    if args.cols % 32 or args.rows <= 0 or args.cols <= 0:
-        raise DsV4Error(f"--cols must be a positive multiple of 32 (the MXFP4 block); got {args.cols}")
-    rows = run_demo(args.rows, args.cols, args.seed)
-    if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
-    else:
-        print(format_table(rows, (args.rows, args.cols)), end="")
-    return 0

@@ -1,22 +1,18 @@
-"""`dsv4 transcode-scan RELEASE`: how many routed experts would transcode to NVFP4 exactly.
-
-Reads headers and the experts' UE8M0 scale tensors only (1/16 of the expert bytes: about 49 GB on
-V4 Pro, read once; --sample reads fewer). An expert's w1 and w3 share weight_scale_2 (vLLM keeps w1's
-for the fused w13), so they are judged together; w2 alone. A group is exact when its block exponents
-span at most 17 octaves (pipeline/formats/transcode.py). Without reading the codes, all-zero blocks
-cannot be told apart, so every block counts: the figure is a lower bound on the exact fraction.
+"""How many routed experts of a release transcode to NVFP4 exactly, judged from their UE8M0 scale
+tensors alone: the report `dsv4 transcode-scan` prints (pipeline/cli/transcode_scan.py says what it
+reads and why the figure is a lower bound). A group is an expert's w1 and w3 together (one
+weight_scale_2 for the fused w13) or its w2; it is exact when its block exponents span at most WINDOW
+octaves (pipeline/formats/transcode.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from pipeline.checkpoint import Checkpoint, Layout, ensure_valid, read_tensor
+from pipeline.checkpoint import Checkpoint, read_tensor
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.formats.transcode import WINDOW
 from pipeline.release_layout import (
@@ -82,32 +78,3 @@ def scan(ckpt: Checkpoint, sample: int | None = None, keep_worst: int = 10) -> S
         report.worst.append((spread, name))
     report.worst = sorted(report.worst, reverse=True)[:keep_worst]
     return report
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "transcode-scan",
-        help="fraction of the release's experts that transcode to NVFP4 exactly (reads scales only)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("release", help="release checkpoint directory")
-    p.add_argument("--sample", type=int, help="scan this many expert groups, evenly spread (default: all)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    ckpt = ensure_valid(args.release, expect=Layout.RELEASE, step="dsv4 transcode-scan")
-    report = scan(ckpt, args.sample)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-        return 0
-    print(
-        f"transcode-scan: {report.exact} of {report.groups} expert groups ({100 * report.exact_fraction:.2f} %) "
-        f"span at most {WINDOW} octaves and transcode exactly (a lower bound: all-zero blocks count)"
-    )
-    print("octaves spanned: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.spreads.items())))
-    if report.worst and report.worst[0][0] > WINDOW:
-        print("widest: " + ", ".join(f"{n} ({s})" for s, n in report.worst if s > WINDOW))
-    return 0

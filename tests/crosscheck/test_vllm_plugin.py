@@ -314,7 +314,7 @@ def _use_plugin(src: Path, dst: Path) -> Path:
     import argparse
 
     from harness.replica import clone_replica
-    from pipeline import use_plugin_cmd
+    from pipeline.cli import use_plugin as use_plugin_cmd
 
     clone_replica(src, dst)
     parser = argparse.ArgumentParser(prog="dsv4")

@@ -16,7 +16,7 @@ from pipeline.release_layout import release_tensors
 
 pytestmark = pytest.mark.unit
 
-MODULES = ("pipeline.validate_cmd", "pipeline.inspect_cmd")
+MODULES = ("pipeline.cli.validate", "pipeline.cli.inspect")
 
 
 def shard_count(ckpt: Path) -> int:

@@ -158,7 +158,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def test_every_canary_command_parses_with_the_real_cli(tmp_path):
     steps = P.canary_steps("/data/release", tmp_path, vllm_bin="/srv/bin/vllm", tensor_parallel=8)
     assert [s.name for s in steps] == ["slice", "dequant", "quantize", "convert", "serve"]
-    if importlib.util.find_spec("pipeline.serve_cmd") is None:  # dsv4 serve is being written
+    if importlib.util.find_spec("pipeline.cli.serve") is None:  # dsv4 serve is being written
         steps = steps[:-1]
     parsed = {s.name: _parse(s.argv) for s in steps}
     assert parsed["slice"].layers == 2 and parsed["slice"].experts == 8

@@ -1,6 +1,6 @@
-"""`dsv4 serve` (pipeline/serve.py, pipeline/serve_cmd.py) without vLLM: the command built for a converted
+"""`dsv4 serve` (pipeline/serve/, pipeline/cli/serve.py) without vLLM: the command built for a converted
 micro checkpoint, every refusal with its reason (the seeds' S6 deep_gemm_mega_moe first), the checkpoint
-preflight, the compose file (read back by a small parser of the YAML subset it is written in), and the
+preflight, the compose file (JSON under a comment header, which is YAML: read back with json), and the
 run path end to end against a fake server (harness/fake_vllm.py): health wait, one greedy completion,
 tokens/s, a clean stop. tests/crosscheck/test_serve_vllm.py parses the same argv with vLLM's own parser.
 """
@@ -20,7 +20,7 @@ from harness import fake_vllm
 from harness.replica import clone_replica
 from pipeline import mapping as M
 from pipeline import serve as S
-from pipeline import serve_cmd
+from pipeline.cli import serve as serve_cmd
 from pipeline.config import VLLM_TARGETS
 from pipeline.errors import DsV4Error
 
@@ -82,38 +82,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def parse_yaml_subset(text: str):
-    """Reads back what S.to_yaml writes (block dicts and lists, flow lists, JSON scalars); nothing more."""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-    def indent(line: str) -> int:
-        return len(line) - len(line.lstrip(" "))
-
-    def block(i: int, ind: int):
-        if lines[i][ind:].startswith("- "):
-            items = []
-            while i < len(lines) and indent(lines[i]) == ind and lines[i][ind:].startswith("- "):
-                rest = lines[i][ind + 2 :]
-                if ":" in rest and not rest.startswith(('"', "[")):
-                    lines[i] = " " * (ind + 2) + rest
-                    item, i = block(i, ind + 2)
-                else:
-                    item, i = json.loads(rest), i + 1
-                items.append(item)
-            return items, i
-        mapping = {}
-        while i < len(lines) and indent(lines[i]) == ind:
-            key, _, rest = lines[i].strip().partition(":")
-            key = json.loads(key) if key.startswith('"') else key
-            if rest.strip():
-                mapping[key], i = json.loads(rest), i + 1
-            else:
-                mapping[key], i = block(i + 1, indent(lines[i + 1]))
-        return mapping, i
-
-    obj, end = block(0, 0)
-    assert end == len(lines), f"unparsed from line {end}: {lines[end]!r}"
-    return obj
+def read_compose(text: str):
+    """Reads back what S.to_yaml writes: comment lines, then one JSON document (JSON is YAML)."""
+    return json.loads("\n".join(ln for ln in text.splitlines() if not ln.startswith("#")))
 
 
 # ---- the command ------------------------------------------------------------------------------------
@@ -496,20 +467,20 @@ def test_compose_image_override_and_target(ckpt, tokenizer_dir):
 def test_yaml_reads_back_as_the_spec(ckpt_mtp, tokenizer_dir):
     spec = S.compose_spec(make(ckpt_mtp, tokenizer_dir, mtp_tokens=2))
     text = S.to_yaml(spec, "a header\nof two lines")
-    assert text.startswith("# a header\n# of two lines\nservices:\n")
-    assert parse_yaml_subset(text) == spec
+    assert text.startswith('# a header\n# of two lines\n{\n  "services": {\n')
+    assert read_compose(text) == spec
     odd = {
         "a": {"no": "yes", "x y": [1, 2.5, True, None], "list": [{"k": "v: w", "n": []}, "plain"]},
         "e": {},
     }
-    assert parse_yaml_subset(S.to_yaml(odd)) == odd
+    assert read_compose(S.to_yaml(odd)) == odd
 
 
 def test_cli_compose_writes_the_file(ckpt, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "docker-compose.yml"
     argv = [str(ckpt), "--compose", str(out), "--tp", "4", "--tokenizer", str(tokenizer_dir)]
     assert cli([*argv, "--shm-size", "32gb", "--port", "8100"]) == 0
-    spec = parse_yaml_subset(out.read_text())
+    spec = read_compose(out.read_text())
     want = S.compose_spec(make(ckpt, tokenizer_dir, port=8100), shm_size="32gb")
     assert spec == want
     assert f"wrote {out}" in capsys.readouterr().out

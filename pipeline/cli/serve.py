@@ -1,5 +1,5 @@
-"""`dsv4 serve CKPT`: serve a converted checkpoint with vLLM, or print / write the command (see
-pipeline/serve.py for the tables and the vLLM source each flag rests on)."""
+"""`dsv4 serve CKPT`: serve a converted checkpoint with vLLM, or print / write the command
+(pipeline/serve.py holds the tables and the vLLM source each flag rests on)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline import serve as S
-from pipeline.checkpoint.writer import write_bytes_atomic
-from pipeline.config import DEFAULT_TARGET, VLLM_TARGETS
+from pipeline.cli.options import add_target_vllm, command_parser
 from pipeline.errors import DsV4Error
 
-HELP = """\
+if TYPE_CHECKING:
+    from pipeline.serve import ServeSettings
+
+SUMMARY = "serve a converted checkpoint with vLLM (health check + smoke request), or print/compose it"
+
+DESCRIPTION = """\
 Serve a checkpoint written by `dsv4 convert` (quant_method fp8 + moe_quant_algo NVFP4: FP8 attention,
 NVFP4 routed experts) with vLLM, after refusing what is known not to work.
 
@@ -54,42 +58,40 @@ def _rows(rows: list[tuple[str, str]], width: int) -> str:
     return "\n".join(out)
 
 
-def _help() -> str:
+def _item(text: str) -> str:
+    """One entry of a list, its continuation lines indented under it."""
+    return textwrap.fill(text, 108, initial_indent="  ", subsequent_indent="      ")
+
+
+def _description() -> str:
+    from pipeline import serve as S
+
     flags = _rows([(f.option, f.why) for f in S.FLAGS], 22)
     checks = _rows([(c.name, c.why) for c in (*S.CONFIG_CHECKS, *S.CHECKPOINT_CHECKS)], 16)
     by_reason: dict[str, list[str]] = {}
     for b in S.MOE_BACKENDS:
         if b.refused:
             by_reason.setdefault(b.refused, []).append(b.name)
-    refused = "\n".join(
-        textwrap.fill(f"{', '.join(names)}: {why}", 108, initial_indent="  ", subsequent_indent="      ")
-        for why, names in by_reason.items()
-    )
+    refused = "\n".join(_item(f"{', '.join(names)}: {why}") for why, names in by_reason.items())
     refusals = "\n".join(
-        textwrap.fill(
+        _item(
             f"--{r.setting.replace('_', '-')} {', '.join(sorted(r.values)) if r.values else '(any value)'}: "
-            f"{r.why} ({r.seen})",
-            108,
-            initial_indent="  ",
-            subsequent_indent="      ",
+            f"{r.why} ({r.seen})"
         )
         for r in S.REFUSALS
     )
-    return HELP.format(flags=flags, checks=checks, refused=refused, refusals=refusals)
+    return DESCRIPTION.format(flags=flags, checks=checks, refused=refused, refusals=refusals)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve",
-        help="serve a converted checkpoint with vLLM (health check + smoke request), or print/compose it",
-        description=_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser(subparsers, __name__, SUMMARY, _description())
     add_arguments(p)
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline import serve as S
+
     p.add_argument("ckpt", help="checkpoint directory written by `dsv4 convert`")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--print", dest="print_cmd", action="store_true", help="print the command and exit")
@@ -98,65 +100,73 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size",
         "--tp",
         type=int,
-        help=f"GPUs to split the model over (default: the GPUs visible here, else {S.NODE_GPUS})",
+        metavar="N",
+        help=f"GPUs to split the model over; when not given, the GPUs visible here, else {S.NODE_GPUS}",
     )
     p.add_argument(
         "--max-model-len",
         type=int,
         default=S.DEFAULT_MAX_MODEL_LEN,
-        help=f"longest sequence (default {S.DEFAULT_MAX_MODEL_LEN})",
+        metavar="TOKENS",
+        help="longest sequence",
     )
     p.add_argument(
-        "--served-model-name", help="model name in the API (default: the checkpoint's directory name)"
+        "--served-model-name",
+        metavar="NAME",
+        help="model name in the API; when not given, the checkpoint's directory name",
     )
     p.add_argument(
         "--host",
-        help=f"address to bind (default {S.LOCAL_HOST}; {S.CONTAINER_HOST} inside the compose container)",
+        metavar="HOST",
+        help=f"address to bind; when not given, {S.LOCAL_HOST} ({S.CONTAINER_HOST} inside the compose "
+        "container)",
     )
-    p.add_argument("--port", type=int, default=S.DEFAULT_PORT, help=f"port (default {S.DEFAULT_PORT})")
+    p.add_argument("--port", type=int, default=S.DEFAULT_PORT, metavar="PORT", help="port")
     p.add_argument(
         "--moe-backend",
         default=S.DEFAULT_MOE_BACKEND,
-        help=f"vLLM MoE backend for the NVFP4 experts (default {S.DEFAULT_MOE_BACKEND}; "
-        f"allowed: {', '.join(b.name for b in S.MOE_BACKENDS if b.allowed)})",
+        metavar="BACKEND",
+        help="vLLM MoE backend for the NVFP4 experts (allowed: "
+        f"{', '.join(b.name for b in S.MOE_BACKENDS if b.allowed)})",
     )
     p.add_argument(
         "--mtp",
         type=int,
         default=0,
         metavar="N",
-        help="MTP speculative decoding with N draft tokens (needs the checkpoint's MTP block; default off)",
+        help="MTP speculative decoding with N draft tokens, 0 for none (needs the checkpoint's MTP block)",
     )
-    p.add_argument("--tokenizer", help="directory with the tokenizer when the checkpoint has none")
     p.add_argument(
-        "--target-vllm",
-        choices=VLLM_TARGETS,
-        default=DEFAULT_TARGET,
-        help=f"the vLLM version served with: config.json is checked against its rules, and --compose "
-        f"uses its image (default {DEFAULT_TARGET})",
+        "--tokenizer", metavar="DIR", help="directory with the tokenizer when the checkpoint has none"
     )
-    p.add_argument("--image", help="compose: the image (default: vllm/vllm-openai of --target-vllm)")
+    add_target_vllm(p)
     p.add_argument(
-        "--shm-size",
-        default=S.DEFAULT_SHM_SIZE,
-        help=f"compose: shared memory (default {S.DEFAULT_SHM_SIZE})",
+        "--image",
+        metavar="IMAGE",
+        help="compose: the image; when not given, vllm/vllm-openai of --target-vllm",
     )
-    p.add_argument("--vllm-bin", default="vllm", help="run: the vllm executable (default: vllm on PATH)")
+    p.add_argument("--shm-size", default=S.DEFAULT_SHM_SIZE, metavar="SIZE", help="compose: shared memory")
+    p.add_argument(
+        "--vllm-bin",
+        default="vllm",
+        metavar="PATH",
+        help="run: the vllm executable (a name on PATH or a path)",
+    )
     p.add_argument(
         "--health-timeout",
         type=float,
         default=S.DEFAULT_HEALTH_TIMEOUT,
-        help=f"run: seconds to wait for /health (default {S.DEFAULT_HEALTH_TIMEOUT:.0f})",
-    )
-    p.add_argument("--log-file", help="run: the server's log (default: a file in the temp directory)")
-    p.add_argument(
-        "--prompt", default=S.SMOKE_PROMPT, help=f"run: the smoke prompt (default {S.SMOKE_PROMPT!r})"
+        metavar="SECONDS",
+        help="run: seconds to wait for /health",
     )
     p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=S.SMOKE_MAX_TOKENS,
-        help=f"run: tokens to generate ({S.SMOKE_MAX_TOKENS})",
+        "--log-file",
+        metavar="FILE",
+        help="run: the server's log; when not given, a file in the temp directory",
+    )
+    p.add_argument("--prompt", default=S.SMOKE_PROMPT, metavar="TEXT", help="run: the smoke prompt")
+    p.add_argument(
+        "--max-tokens", type=int, default=S.SMOKE_MAX_TOKENS, metavar="N", help="run: tokens to generate"
     )
     p.add_argument(
         "--keep-running", action="store_true", help="run: leave the server running after the smoke test"
@@ -171,7 +181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> S.ServeSettings:
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    from pipeline import serve as S
+
     if args.tensor_parallel_size is not None:
         tp, why = args.tensor_parallel_size, "--tensor-parallel-size"
     else:
@@ -197,7 +209,9 @@ def settings_from_args(args: argparse.Namespace) -> S.ServeSettings:
     )
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from pipeline import serve as S
+
     settings = settings_from_args(args)
     S.preflight(settings)
     if args.print_cmd:
@@ -205,10 +219,13 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if args.compose:
         return _write_compose(settings, args)
-    return _run(settings, args)
+    return _run_server(settings, args)
 
 
-def _write_compose(settings: S.ServeSettings, args: argparse.Namespace) -> int:
+def _write_compose(settings: ServeSettings, args: argparse.Namespace) -> int:
+    from pipeline import serve as S
+    from pipeline.checkpoint.writer import write_bytes_atomic
+
     spec = S.compose_spec(settings, image=args.image, shm_size=args.shm_size)
     header = (
         f"written by `dsv4 serve {settings.ckpt} --compose {args.compose}`; start: docker compose -f "
@@ -222,7 +239,9 @@ def _write_compose(settings: S.ServeSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(settings: S.ServeSettings, args: argparse.Namespace, out=None) -> int:
+def _run_server(settings: ServeSettings, args: argparse.Namespace, out=None) -> int:
+    from pipeline import serve as S
+
     out = out or sys.stdout
     if shutil.which(args.vllm_bin) is None:
         raise DsV4Error(
@@ -270,5 +289,5 @@ def _run(settings: S.ServeSettings, args: argparse.Namespace, out=None) -> int:
             )
 
 
-def _default_log(settings: S.ServeSettings) -> Path:
+def _default_log(settings: ServeSettings) -> Path:
     return Path(tempfile.gettempdir()) / f"dsv4-serve-{settings.model_name}-{settings.port}.log"

@@ -1,14 +1,19 @@
-"""`dsv4 dequant SRC DST`: the release checkpoint to BF16 (see pipeline/dequant.py)."""
+"""`dsv4 dequant SRC DST`: the release checkpoint to BF16 (pipeline/dequant.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-from pipeline.checkpoint import Layout, ensure_valid
-from pipeline.dequant import STEP, dequantize_checkpoint, dry_run_table, plan_dequant
-from pipeline.step_options import add_streaming_options, max_shard_bytes
+from pipeline.cli.options import (
+    add_streaming_options,
+    command_parser,
+    max_shard_bytes,
+    streaming_step_arguments,
+)
 
-HELP = """\
+SUMMARY = "release checkpoint (FP8 + MXFP4) -> BF16, streaming and resumable"
+
+DESCRIPTION = """\
 Dequantize the DeepSeek V4 release (FP8 attention with UE8M0 tile scales, MXFP4 routed experts) to BF16.
 
 The output keeps the release's key names; transformers 5.23 loads it as DeepseekV4ForCausalLM.
@@ -22,34 +27,20 @@ against the planned output before anything is written.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "dequant",
-        help="release checkpoint (FP8 + MXFP4) -> BF16, streaming and resumable",
-        description=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION)
     p.add_argument("src", help="release checkpoint directory (with model.safetensors.index.json)")
     p.add_argument("dst", help="output directory (new or empty; see --resume/--overwrite)")
     add_streaming_options(p)
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
 
 
-def _main(args: argparse.Namespace) -> int:
-    max_bytes = max_shard_bytes(args)
+def run(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import Layout, ensure_valid
+    from pipeline.dequant import STEP, dequantize_checkpoint, dry_run_table, plan_dequant
+
     if args.dry_run:
         ckpt = ensure_valid(args.src, expect=Layout.RELEASE, step=STEP, full_scales=args.full_scales)
-        print(dry_run_table(plan_dequant(ckpt, max_bytes), args.dst))
+        print(dry_run_table(plan_dequant(ckpt, max_shard_bytes(args)), args.dst))
         return 0
-    result = dequantize_checkpoint(
-        args.src,
-        args.dst,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
-        workers=args.workers,
-        max_shard_bytes=max_bytes,
-        full_scales=args.full_scales,
-        progress=not args.quiet,
-    )
-    print(result.summary())
+    print(dequantize_checkpoint(args.src, args.dst, **streaming_step_arguments(args)).summary())
     return 0

@@ -1,13 +1,14 @@
-"""`dsv4 inspect PATH`: what a checkpoint holds, from its headers alone."""
+"""`dsv4 inspect PATH`: what a checkpoint holds, from its headers alone (pipeline/checkpoint/inspect.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from pipeline.checkpoint.inspect import format_summary, summarize
+from pipeline.cli.options import add_json, command_parser
 
-HELP = "summarize a checkpoint: tensors and bytes by dtype and role, shards, config"
+SUMMARY = "summarize a checkpoint: tensors and bytes by dtype and role, shards, config"
+
 DESCRIPTION = """\
 Summarize a sharded safetensors checkpoint from its headers (no tensor data is read): its layout
 (release FP8+MXFP4, BF16, NVFP4 export), the number of shards, tensors and bytes by dtype and by role
@@ -17,17 +18,17 @@ what config.json says (layers, experts, hash layers, compress ratios, quantizati
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "inspect", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION)
     p.add_argument(
         "path", help="checkpoint directory, its model.safetensors.index.json, or one .safetensors file"
     )
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json(p, "the summary")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint.inspect import format_summary, summarize
+
     s = summarize(args.path)
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
