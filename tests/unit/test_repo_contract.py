@@ -90,3 +90,11 @@ def test_run5_the_code_digest_names_stale_code(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dsv4(["--version"])
     assert code_digest() in capsys.readouterr().out
+
+
+def test_a_mistyped_marker_is_an_error_not_a_dropped_test(pytestconfig):
+    """pyproject's strict_markers (a test marked `unti` stops collection instead of dropping out of
+    -m unit) and testpaths, read from this session's own configuration. (pytest 9 ignored
+    --strict-markers given through addopts here; the ini option is what works.)"""
+    assert pytestconfig.getini("strict_markers") is True
+    assert pytestconfig.getini("testpaths") == ["tests"]
