@@ -123,9 +123,11 @@ def plan_dequant(ckpt: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -
 
 
 def bf16_config(config: dict) -> dict:
-    """The release config for its BF16 copy: no quantization_config, dtype bfloat16."""
-    out = {k: v for k, v in config.items() if k != "quantization_config"}
-    out["torch_dtype"] = "bfloat16"
+    """The release config for its BF16 copy: no quantization_config, ``dtype`` bfloat16. ``dtype`` is the
+    key transformers 5 reads and writes; the release's deprecated ``torch_dtype`` is dropped (transformers
+    still reads it, as ``dtype``, from configs that have it)."""
+    out = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
+    out["dtype"] = "bfloat16"
     return out
 
 

@@ -1,7 +1,8 @@
 """The whole pipeline on the built-in micro DeepSeek V4 (`dsv4 e2e`, the README's main job): build a
 deterministic tiny checkpoint in the release layout, validate, dequantize, quantize the BF16 copy with
 real ModelOpt for each recipe, convert each export into the layout vLLM loads, and score what vLLM would
-compute with (harness/vllm_view.py) against the BF16 model, one printed line per step.
+compute with (harness/vllm_view.py) against the BF16 model, one printed line per step. What transformers
+and ModelOpt print goes to WORK.log, beside the workdir, so that it outlives a temporary one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.console import terminal_stdout, third_party_output
 from pipeline.errors import DsV4Error
 
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ def require_quant_extras() -> None:
 
 def _step(name: str, start: float, detail: str) -> float:
     now = time.perf_counter()
-    print(f"  {name:<46} {now - start:6.1f} s  {detail}", flush=True)
+    print(f"  {name:<46} {now - start:6.1f} s  {detail}", file=terminal_stdout(), flush=True)
     return now
 
 
@@ -41,8 +43,17 @@ def _require_valid(ckpt: Path) -> ValidationReport:
     return report
 
 
+def log_path_for(work: Path) -> Path:
+    return work.with_name(work.name + ".log")
+
+
 def run_e2e(work: Path, preset: str, seed: int) -> dict[str, dict]:
     """Every step in ``work``; returns {run name: KL and top-1 agreement against the BF16 model}."""
+    with third_party_output(log_path_for(work)):
+        return _run_e2e(work, preset, seed)
+
+
+def _run_e2e(work: Path, preset: str, seed: int) -> dict[str, dict]:
     from harness.reference import compare, load_reference, logits, reference_batch
     from harness.tiny import build_tiny_release
     from harness.vllm_view import effective_weights, write_effective_checkpoint

@@ -2,14 +2,16 @@
 
 On a terminal it redraws one line; in a log (not a TTY) it prints a line at most every
 ``log_every`` seconds, so an eight-hour run leaves a readable trail rather than megabytes of updates.
+While transformers/ModelOpt output is captured to a log (pipeline/console.py) it stays on the terminal.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from typing import TextIO
+
+from pipeline.console import terminal_stderr
 
 GB = 1e9
 
@@ -33,7 +35,7 @@ class Progress:
         log_every: float = 30.0,
     ) -> None:
         self.label, self.total = label, max(int(total_bytes), 1)
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = stream if stream is not None else terminal_stderr()
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = redraw_every if self.tty else log_every

@@ -28,12 +28,14 @@ import torch
 
 from pipeline.checkpoint import Layout, ensure_valid, read_config
 from pipeline.checkpoint.writer import output_lock
+from pipeline.console import begin_log, third_party_output
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
 
 STEP = "dsv4 quantize"
 REPORT_NAME = "dsv4-quantize-report.json"
 STATE_SUFFIX = ".calibration"
+LOG_SUFFIX = ".log"
 AMAX_FILE, STATE_FILE = "amax.safetensors", "modelopt_state.pt"
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 _FUSED_WEIGHT_QUANTIZER = re.compile(r"^(?P<parent>.*)\.(?P<param>\w+)_weight_quantizers\.(?P<expert>\d+)$")
@@ -76,6 +78,11 @@ class QuantizeReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def log_path_for(dst: Path) -> Path:
+    """Where transformers' and ModelOpt's own output goes (beside DST, appended run after run)."""
+    return dst.with_name(dst.name + LOG_SUFFIX)
 
 
 def state_dir_for(dst: Path) -> Path:
@@ -290,7 +297,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, opts: QuantizeOptions)
     # one run per DST: a second would remove this one's .DST.partial and the state beside it
     with output_lock(dst.parent, dst.with_name(f".{dst.name}.dsv4.lock"), subject=dst):
         check_output_paths(src, dst, opts.overwrite)  # again: a run that held the lock may have just finished
-        return _quantize_locked(src, dst, state_dir, opts, start)
+        with third_party_output(log_path_for(dst), defer=True):
+            return _quantize_locked(src, dst, state_dir, opts, start)
 
 
 def _quantize_locked(src: Path, dst: Path, state_dir: Path, opts: QuantizeOptions, start: float):
@@ -304,6 +312,7 @@ def _quantize_locked(src: Path, dst: Path, state_dir: Path, opts: QuantizeOption
     device = resolve_device(opts.device)
     if not opts.export_only:
         batches, calibration = calibration_batches(_vocab_size(src), src, opts)
+    begin_log()  # past the refusals: from here on what transformers and ModelOpt say is kept
     model = load_bf16_model(src, device)
 
     report = QuantizeReport(str(src), str(dst), opts.recipe, {}, {}, versions=_versions())

@@ -21,6 +21,7 @@ _CONFIG_FIELDS = (
     "moe_intermediate_size",
     "num_hash_layers",
     "vocab_size",
+    "dtype",
     "torch_dtype",
 )
 

@@ -369,7 +369,7 @@ HELD_QUANTIZE = textwrap.dedent(
     real = export.export_hf_checkpoint
     def held(*args, **kwargs):
         real(*args, **kwargs)
-        print("READY", flush=True)
+        print("READY", file=sys.__stdout__, flush=True)
         sys.stdin.readline()
     export.export_hf_checkpoint = held
     from pipeline.cli import main

@@ -63,10 +63,18 @@ def test_config_loses_its_quantization_config(tiny_release, tmp_path):
     src = json.loads((tiny_release / "config.json").read_text())
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" in src and "quantization_config" not in out
-    assert out["torch_dtype"] == "bfloat16"
-    assert {k: v for k, v in out.items() if k != "torch_dtype"} == {
+    assert out["dtype"] == "bfloat16"
+    assert {k: v for k, v in out.items() if k != "dtype"} == {
         k: v for k, v in src.items() if k not in ("quantization_config", "torch_dtype")
     }
+
+
+def test_config_names_its_dtype_dtype_not_the_deprecated_torch_dtype(tiny_release, tmp_path):
+    """transformers 5 reads and writes `dtype`; `torch_dtype` makes it warn that the key is deprecated."""
+    assert "torch_dtype" in json.loads((tiny_release / "config.json").read_text())  # as the release has it
+    dequantize_checkpoint(tiny_release, tmp_path / "out", progress=False)
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["dtype"] == "bfloat16" and "torch_dtype" not in out
 
 
 def test_non_tensor_files_are_carried_over(tiny_release, tmp_path):
