@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pipeline import mapping as M
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import layout_config
-from pipeline.config_files import plan_fix
 from pipeline.errors import DsV4Error
 from pipeline.serve.settings import ServeSettings
+from pipeline.vllm_config import layout_config
+from pipeline.vllm_config.files import plan_fix
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
