@@ -130,7 +130,7 @@ def build_argv(cfg: HfPtqConfig, contract: Mapping[str, Any]) -> list[str]:
         if dest not in by_dest:
             raise DsV4Error(
                 f"hf_ptq ({contract['source']['commit']}) has no option with dest {dest!r} "
-                f"for our '{field.name}'; update OPTION_TABLE in pipeline/hf_ptq.py"
+                f"for our '{field.name}'; update OPTION_TABLE in pipeline/hf_ptq/options.py"
             )
         if value is None:
             continue

@@ -1,4 +1,5 @@
-"""The vLLM config rewriter: config.json rewrites that a DeepSeek V4 NVFP4 checkpoint needs before vLLM loads it (pure, no I/O).
+"""The vLLM config rewriter: the config.json rewrites a DeepSeek V4 NVFP4 checkpoint needs before vLLM
+loads it (the rules are pure, no I/O; ``files`` reads and writes a checkpoint folder).
 
 A ModelOpt export's config.json (transformers >= 5.8 field names, ModelOpt's quantization_config) and a
 converted checkpoint's config differ from what vLLM's DeepSeek V4 code reads. The rewrites are DATA: the
@@ -45,6 +46,8 @@ What each rule rests on (read in the sources named; re-check when versions move)
   the NVIDIA-published layout and tools. ``ModelOptMixedPrecisionConfig.apply_vllm_mapper`` passes
   ``quantized_layers`` through the model's ``hf_to_vllm_mapper``, whose rules
   (``_make_deepseek_v4_weights_mapper``: prefix ``layers.`` -> ``model.layers.``, ``mtp.`` dropped) are
+  written for checkpoint (native, dialect N) names, so the map uses native module names
+  (``layers.3.ffn.experts.0.w1``).
 
 The package, by concern (each rule module holds its rules' code AND their Rule entries with reasons):
 
