@@ -32,9 +32,9 @@ from pipeline import children
 from pipeline.checkpoint import Checkpoint, plan_shards
 from pipeline.checkpoint import PlannedTensor as _Planned
 from pipeline.checkpoint.dtypes import itemsize
-from pipeline.config import DEFAULT_TARGET
 from pipeline.mapping import NVFP4_GROUP, target_tensors
 from pipeline.release_layout import FP8, MXFP4, release_tensors, release_weights
+from pipeline.vllm_config import DEFAULT_TARGET
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO_ROOT / "constraints.txt"

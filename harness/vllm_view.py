@@ -85,11 +85,11 @@ from safetensors.torch import save_file
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.checkpoint.dtypes import from_torch
-from pipeline.config import layout_config
 from pipeline.errors import DsV4Error
 from pipeline.formats import fp8_block_dequantize, nvfp4_dequantize
 from pipeline.mapping import NVFP4, target_layout
 from pipeline.release_layout import FP8, FP8_BLOCK, ROUTED_EXPERT
+from pipeline.vllm_config import layout_config
 
 MTP_PREFIX = "mtp."
 NVFP4_MOE_ALGO = "NVFP4"
@@ -183,7 +183,7 @@ def check_keys(found: Mapping[str, tuple[str, tuple[int, ...]]], config: Mapping
 
     Raises the first problem in sorted key order, naming the key, with a count of the rest."""
     # vLLM 0.33 configs may carry mlp_layer_types instead of num_hash_layers: list the tensors from the
-    # release-style fields fix-config restores (pipeline.config.layout_config)
+    # release-style fields fix-config restores (pipeline.vllm_config.layout_config)
     target = target_layout(layout_config(dict(config)))
     mtp_absent = not any(k.startswith(MTP_PREFIX) for k in found)
     unexpected = sorted(k for k in found if k not in target)
@@ -356,7 +356,7 @@ def micro_converted_config() -> dict:
     """The micro tiny model's config with the mixed FP8 + NVFP4 quantization_config a converted
     checkpoint carries (what the vLLM-view tests build checkpoints for)."""
     from harness.tiny import tiny_config
-    from pipeline.config import MIXED_QUANT_CONFIG
+    from pipeline.vllm_config import MIXED_QUANT_CONFIG
 
     config = tiny_config("micro")
     config["quantization_config"] = dict(MIXED_QUANT_CONFIG)

@@ -31,10 +31,10 @@ import torch
 from vllm.models.deepseek_v4 import DeepseekV4ForCausalLM
 
 from pipeline.checkpoint.reader import read_json_object
-from pipeline.config import layout_config
 from pipeline.convert_stream import StreamConverter, StreamConvertError
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
+from pipeline.vllm_config import layout_config
 
 # under vLLM's logger, so that its handler prints these lines
 logger = logging.getLogger("vllm.plugins.dsv4_nvfp4")

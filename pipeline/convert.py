@@ -62,8 +62,6 @@ from pipeline.checkpoint import (
 from pipeline.checkpoint.reader import read_json_object
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.checkpoint.writer import PlannedTensor
-from pipeline.config import DEFAULT_TARGET, HF_QUANT_CONFIG, fix_config, layout_config
-from pipeline.config import dumps as config_dumps
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error, one_line
 from pipeline.formats import (
@@ -82,6 +80,8 @@ from pipeline.progress import Progress
 from pipeline.provenance import code_digest
 from pipeline.release_layout import ROUTED_EXPERT, scale_key
 from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.vllm_config import DEFAULT_TARGET, HF_QUANT_CONFIG, fix_config, layout_config
+from pipeline.vllm_config import dumps as config_dumps
 
 STEP = "dsv4 convert"
 EXPERT_SOURCES = ("export", "transcode")

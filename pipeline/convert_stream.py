@@ -45,10 +45,10 @@ import torch
 from pipeline import mapping as M
 from pipeline.checkpoint import TensorInfo, from_torch
 from pipeline.checkpoint.validate import value_problem
-from pipeline.config import layout_config
 from pipeline.convert import _EXPERT_SIBLING, RUNNERS, Job, RunStats
 from pipeline.errors import DsV4Error
 from pipeline.release_layout import ROUTED_EXPERT
+from pipeline.vllm_config import layout_config
 
 _NVFP4_PARTS = (".weight", ".weight_scale", ".weight_scale_2")  # the runner's input order
 # slots of an expert's unify job, after its module's release name (layers.N.ffn.experts.E)

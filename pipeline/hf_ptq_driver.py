@@ -1,5 +1,5 @@
 """`dsv4 quantize --driver hf_ptq`, the node's driver: ModelOpt's own examples/hf_ptq/hf_ptq.py main()
-(pipeline/hf_ptq.py) run under our version-checked runtime patches, behind the guards of the in-process
+(pipeline/hf_ptq/) run under our version-checked runtime patches, behind the guards of the in-process
 driver: a BF16 source, a DST that is not inside it, one run per DST."""
 
 from __future__ import annotations

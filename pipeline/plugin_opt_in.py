@@ -2,7 +2,7 @@
 `dsv4 use-plugin` writes.
 
 On: the plugin's architecture (``patches.vllm_plugin.ARCHITECTURE``) in CKPT/config.json, with the rest
-of the config `dsv4 convert` would write for the same export (``pipeline.config.fix_config``'s rules, fed
+of the config `dsv4 convert` would write for the same export (``pipeline.vllm_config.fix_config``'s rules, fed
 the converted layout's native key names; no MTP block), and hf_quant_config.json as convert writes it.
 Off: the files as they were (config.json.orig, hf_quant_config.json.orig).
 """
@@ -16,10 +16,10 @@ from patches.vllm_plugin import ARCHITECTURE
 from pipeline.checkpoint import CONFIG_NAME, Layout, ensure_valid
 from pipeline.checkpoint.reader import read_json_object
 from pipeline.checkpoint.writer import copy_file_atomic
-from pipeline.config import ABSENT, DEFAULT_TARGET, HF_QUANT_CONFIG, Change, FixResult
-from pipeline.config_files import BACKUP_SUFFIX
 from pipeline.convert import ConvertPlan, plan_convert
 from pipeline.errors import DsV4Error
+from pipeline.vllm_config import ABSENT, DEFAULT_TARGET, HF_QUANT_CONFIG, Change, FixResult
+from pipeline.vllm_config.files import BACKUP_SUFFIX
 
 STEP = "dsv4 use-plugin"
 

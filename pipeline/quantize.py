@@ -11,7 +11,7 @@ Steps, each before the next can lose work:
 5. export with ``export_hf_checkpoint`` under the runtime patches into ``.DST.partial``, check every
    patch was reached, write the report beside it, and rename the directory to DST.
 
-The node runs the same recipe through ModelOpt's own hf_ptq.py (pipeline/hf_ptq.py).
+The node runs the same recipe through ModelOpt's own hf_ptq.py (pipeline/hf_ptq/).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`dsv4 fix-config CKPT`: rewrite config.json (+ hf_quant_config.json) for vLLM (pipeline/config_files.py,
-by the rules of pipeline/config.py)."""
+"""`dsv4 fix-config CKPT`: rewrite config.json (+ hf_quant_config.json) for vLLM (pipeline/vllm_config/files.py,
+by the rules of pipeline/vllm_config/)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ The tensor list comes from CKPT/model.safetensors.index.json (or the one .safete
 
 
 def _rules_table() -> str:
-    from pipeline.config import RULES
+    from pipeline.vllm_config import RULES
 
     return "\n".join(f"  {r.name:<18} [{', '.join(r.versions)}] {', '.join(r.keys)}" for r in RULES)
 
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config_files import describe_fix, plan_fix, write_fix
+    from pipeline.vllm_config.files import describe_fix, plan_fix, write_fix
 
     result = plan_fix(args.ckpt, args.target_vllm, args.source_config)
     written = [] if args.dry_run else write_fix(args.ckpt, result)

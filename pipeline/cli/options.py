@@ -39,7 +39,7 @@ def command_parser(
 
 
 def add_target_vllm(p: argparse.ArgumentParser) -> None:
-    from pipeline.config import DEFAULT_TARGET, VLLM_TARGETS
+    from pipeline.vllm_config.targets import DEFAULT_TARGET, VLLM_TARGETS
 
     p.add_argument(
         "--target-vllm",

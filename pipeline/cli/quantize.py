@@ -24,7 +24,7 @@ Writes DST (the export, renamed into place when complete, with dsv4-quantize-rep
 DST.calibration/ (amax snapshot and ModelOpt state). If the export fails, fix the cause and rerun with
 --export-only: the calibrated state is reused. --validate-only checks that saved state and exits.
 On the 8xB200 node, --driver hf_ptq --modelopt-repo REPO runs the same recipe through ModelOpt's own
-examples/hf_ptq/hf_ptq.py (pipeline/hf_ptq.py: its flag names, parse_args, __main__ conversions, every
+examples/hf_ptq/hf_ptq.py (pipeline/hf_ptq/: its flag names, parse_args, __main__ conversions, every
 attribute main() reads checked) under the same patches; --print-argv shows what it would run.
 """
 
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="in-process",
         help="in-process: mtq.quantize + export here (CPU or one GPU); hf_ptq: ModelOpt's own "
         "examples/hf_ptq/hf_ptq.py main() (the node), with its flag names, parse_args and __main__ "
-        "conversions (pipeline/hf_ptq.py) under the same runtime patches",
+        "conversions (pipeline/hf_ptq/) under the same runtime patches",
     )
     p.add_argument(
         "--modelopt-repo",

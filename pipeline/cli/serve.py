@@ -1,5 +1,5 @@
 """`dsv4 serve CKPT`: serve a converted checkpoint with vLLM, or print / write the command
-(pipeline/serve.py holds the tables and the vLLM source each flag rests on)."""
+(pipeline/serve/ holds the tables and the vLLM source each flag rests on)."""
 
 from __future__ import annotations
 

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _turn_off(ckpt: Path, dry_run: bool) -> int:
-    from pipeline.config_files import BACKUP_SUFFIX
     from pipeline.plugin_opt_in import turn_off
+    from pipeline.vllm_config.files import BACKUP_SUFFIX
 
     restored = turn_off(ckpt, dry_run=dry_run)
     if not restored:
@@ -62,8 +62,8 @@ def _turn_off(ckpt: Path, dry_run: bool) -> int:
 
 
 def _turn_on(ckpt: Path, target: str, dry_run: bool) -> int:
-    from pipeline.config_files import describe_fix, write_fix
     from pipeline.plugin_opt_in import plan_on
+    from pipeline.vllm_config.files import describe_fix, write_fix
 
     on = plan_on(ckpt, target)
     result, plan = on.result, on.convert

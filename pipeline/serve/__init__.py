@@ -18,6 +18,9 @@ generate docs/serve.md's tables. One concern a module, each importing only those
 * ``smoke``: one greedy completion and its tokens/s.
 * ``docs``: the tables as markdown.
 
+None of them imports torch at import time (`dsv4 serve --help` reads the tables): ``checks`` and
+``preflight`` import the checkpoint reader when they run.
+
 This module re-exports their public names: ``from pipeline import serve as S; S.preflight(...)``.
 """
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import VLLM_TARGETS
+from pipeline.vllm_config.targets import VLLM_TARGETS
 
 _NOT_NVFP4 = (
     "not an NVFP4 MoE backend: vLLM's map_nvfp4_backend raises ValueError ('not supported for NvFP4 "

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import mapping as M
-from pipeline.checkpoint import Checkpoint
-from pipeline.config import layout_config
-from pipeline.config_files import plan_fix
 from pipeline.errors import DsV4Error
 from pipeline.serve.settings import ServeSettings
+from pipeline.vllm_config import layout_config
+
+if TYPE_CHECKING:  # the tables are read by `dsv4 serve --help`, which must not import torch
+    from pipeline.checkpoint import Checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -131,6 +133,8 @@ def _target_layout(ctx: CheckContext) -> str | None:
 
 
 def _config_fixed(ctx: CheckContext) -> str | None:
+    from pipeline.vllm_config.files import plan_fix  # reads tensor headers: imports torch
+
     target = ctx.settings.target_vllm
     try:
         result = plan_fix(ctx.settings.ckpt, target)  # the same rules as `dsv4 fix-config`

@@ -3,7 +3,6 @@ the checkpoint (`dsv4 validate`'s checks, then the serve checks)."""
 
 from __future__ import annotations
 
-from pipeline.checkpoint import CONFIG_NAME, ensure_valid, read_config
 from pipeline.errors import DsV4Error, one_line
 from pipeline.serve.checks import CHECKPOINT_CHECKS, CONFIG_CHECKS, CheckContext
 from pipeline.serve.refusals import refusals
@@ -13,6 +12,8 @@ from pipeline.serve.settings import STEP, ServeSettings
 def preflight(settings: ServeSettings) -> CheckContext:
     """Refuse what cannot work, before any GPU time: flags first, then config.json, then the checkpoint
     (`dsv4 validate`'s checks, then CHECKPOINT_CHECKS). Raises DsV4Error listing every problem."""
+    from pipeline.checkpoint import CONFIG_NAME, ensure_valid, read_config  # imports torch: not for --help
+
     problems = refusals(settings)
     if problems:
         raise DsV4Error(f"{STEP}: refused: {one_line(problems, show=len(problems))}")

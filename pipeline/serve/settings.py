@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DEFAULT_TARGET
+from pipeline.vllm_config.targets import DEFAULT_TARGET
 
 STEP = "dsv4 serve"
 NODE_GPUS = 8  # the 8xB200 node; the default tensor parallel size when no GPU is visible here

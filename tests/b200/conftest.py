@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import preflight as P
-from pipeline.config import DEFAULT_TARGET, VLLM_TARGETS
+from pipeline.vllm_config import DEFAULT_TARGET, VLLM_TARGETS
 
 
 def add_b200_options(parser: pytest.Parser) -> None:

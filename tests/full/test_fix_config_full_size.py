@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import VLLM_TARGETS, fix_config
+from pipeline.vllm_config import VLLM_TARGETS, fix_config
 from tests.unit.test_fix_config import json_snapshot, load_fixture, pro_mixed_keys, reference_config, summary
 
 pytestmark = pytest.mark.slow  # full scale: 71k expert names per case

@@ -25,7 +25,7 @@ UNIT_TIER_MODULES = (
     "pipeline.checkpoint",
     "pipeline.release_layout",
     "pipeline.dequant",
-    "pipeline.config",
+    "pipeline.vllm_config",
     "pipeline.hf_ptq",
     "harness.markers",
     "harness.tiny",

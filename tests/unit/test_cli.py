@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HELP_IMPORTS_TORCH = {
     "convert": "--experts' choices: pipeline.convert imports torch",
     "slice": "--layers and --experts: pipeline.slice imports torch",
-    "serve": "the flag and refusal tables: pipeline.serve imports torch (through pipeline.checkpoint)",
 }
 
 # Runs in a fresh interpreter: every torch import is refused and recorded under the argv that asked for

@@ -1,4 +1,4 @@
-"""pipeline/config.py and `dsv4 fix-config`: the config.json rewrites vLLM needs, as data, idempotent.
+"""pipeline/vllm_config/ and `dsv4 fix-config`: the config.json rewrites vLLM needs, as data, idempotent.
 
 Fixtures (fixtures/*.json), each the DeepSeek V4 Pro config as an export writes it:
 
@@ -40,20 +40,20 @@ from harness.exports import as_transformers_export
 from harness.markers import require_reference
 from harness.tiny import tiny_config
 from pipeline import cli
-from pipeline.config import (
+from pipeline.errors import DsV4Error
+from pipeline.release_layout import MXFP4, release_weights
+from pipeline.vllm_config import (
     ABSENT,
     HF_QUANT_CONFIG,
     MIXED_QUANT_CONFIG,
     RULES,
     TRANSFORMERS_DEFAULT_HASH_LAYERS,
     VLLM_TARGETS,
-    _short,
     dumps,
     fix_config,
     rule_table,
 )
-from pipeline.errors import DsV4Error
-from pipeline.release_layout import MXFP4, release_weights
+from pipeline.vllm_config.engine import short as _short
 
 pytestmark = pytest.mark.unit
 
@@ -256,7 +256,7 @@ def test_rope_thetas_restored_from_nested_params():
 
 
 def test_vllm_032_reads_are_satisfied():
-    """What vLLM 0.32's DeepseekV4 model reads from the config (see pipeline/config.py)."""
+    """What vLLM 0.32's DeepseekV4 model reads from the config (see pipeline/vllm_config/)."""
     config = as_transformers_export(tiny_config("micro"))
     del config["qk_rope_head_dim"]
     out = fix_config(config, target="0.32").config

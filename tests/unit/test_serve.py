@@ -21,8 +21,8 @@ from harness.replica import clone_replica
 from pipeline import mapping as M
 from pipeline import serve as S
 from pipeline.cli import serve as serve_cmd
-from pipeline.config import VLLM_TARGETS
 from pipeline.errors import DsV4Error
+from pipeline.vllm_config import VLLM_TARGETS
 
 pytestmark = pytest.mark.unit
 
@@ -612,7 +612,7 @@ def test_a_converted_checkpoint_whose_config_has_no_num_hash_layers_is_accepted(
     ckpt, tokenizer_dir, tmp_path
 ):
     """A real ModelOpt export's config (transformers >= 5.8) has mlp_layer_types, not num_hash_layers,
-    and fix-config for vLLM 0.33 keeps it so. The tensor list must come from pipeline.config.layout_config,
+    and fix-config for vLLM 0.33 keeps it so. The tensor list must come from pipeline.vllm_config.layout_config,
     or every hash layer is expected with gate.bias and the checkpoint is refused (found by the canary)."""
     import shutil
 

@@ -14,9 +14,9 @@ import pytest
 from harness.replica import clone_replica
 from patches.vllm_plugin import ARCHITECTURE
 from pipeline.cli import use_plugin as use_plugin_cmd
-from pipeline.config import MIXED_QUANT_CONFIG
 from pipeline.convert import plan_convert
 from pipeline.errors import DsV4Error
+from pipeline.vllm_config import MIXED_QUANT_CONFIG
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ import pytest
 
 from harness import vllm_node
 from harness.exports import as_transformers_export
-from pipeline.config import VLLM_TARGETS
+from pipeline.vllm_config import VLLM_TARGETS
 
 VERIFIED = (
     "vllm_node tier: verified that vLLM {version}'s own DeepSeek V4 model and DefaultModelLoader load every "

@@ -24,7 +24,7 @@ from syrupy.extensions.json import JSONSnapshotExtension
 
 from harness import vllm_node
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import VLLM_TARGETS
+from pipeline.vllm_config import VLLM_TARGETS
 from tests.vllm_node.conftest import case_name
 
 pytestmark = pytest.mark.vllm_node

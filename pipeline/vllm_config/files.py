@@ -1,5 +1,5 @@
 """A checkpoint's config.json and hf_quant_config.json on disk: read them, plan the vLLM rewrite
-(pipeline/config.py's rules), and write it, keeping the originals as .orig. What `dsv4 fix-config` and
+(this package's rules), and write it, keeping the originals as .orig. What `dsv4 fix-config` and
 `dsv4 use-plugin` do to a checkpoint folder; the rules themselves only ever see dicts.
 """
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 from pipeline.checkpoint.reader import CONFIG_NAME, INDEX_NAME, read_header, read_index, read_json_object
 from pipeline.checkpoint.writer import copy_file_atomic, write_json_atomic
-from pipeline.config import DEFAULT_TARGET, HF_QUANT_CONFIG, FixResult, fix_config
 from pipeline.errors import DsV4Error
+
+from .engine import HF_QUANT_CONFIG, FixResult
+from .fix import fix_config
+from .targets import DEFAULT_TARGET
 
 BACKUP_SUFFIX = ".orig"
 
