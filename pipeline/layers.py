@@ -54,7 +54,7 @@ LAYERS: tuple[Layer, ...] = (
         (
             "pipeline.release_layout",
             "pipeline.mapping",
-            "pipeline.config",
+            "pipeline.vllm_config",
             "pipeline.recipes",
             "pipeline.calibration",
             "pipeline.quantize_checks",
@@ -77,7 +77,7 @@ LAYERS: tuple[Layer, ...] = (
             "pipeline.transcode_scan",
             "pipeline.quantize",
             "pipeline.hf_ptq_driver",
-            "pipeline.config_files",
+            "pipeline.vllm_config.files",
             "pipeline.plugin_opt_in",
             "pipeline.serve",
             "pipeline.demo",
