@@ -33,9 +33,7 @@ import json
 import math
 import re
 import shutil
-import tempfile
 import threading
-import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -57,7 +55,6 @@ from pipeline.checkpoint import (
     plan_shards,
     producer_pool,
     read_tensor,
-    write_checkpoint,
 )
 from pipeline.checkpoint.reader import read_json_object
 from pipeline.checkpoint.validate import check_read_values
@@ -78,10 +75,10 @@ from pipeline.formats import (
 )
 from pipeline.formats.e2m1 import decode_packed
 from pipeline.formats.fp8_block import STRIP_ELEMENTS
-from pipeline.progress import Progress
 from pipeline.provenance import code_digest
 from pipeline.release_layout import ROUTED_EXPERT, scale_key
 from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.streaming_step import Step, StepResult, run_step
 
 STEP = "dsv4 convert"
 EXPERT_SOURCES = ("export", "transcode")
@@ -723,50 +720,32 @@ def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: 
 # ---- the step ----------------------------------------------------------------------------------
 
 
-@dataclass
-class ConvertResult:
-    out_dir: Path
-    plan: ConvertPlan
-    stats: RunStats
-    read_bytes: int
-    written_bytes: int
-    seconds: float
-    shards_written: int
-    shards_kept: int
-
-    def summary(self) -> str:
-        rate = self.read_bytes / self.seconds / 1e9 if self.seconds else 0.0
-        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
-        lines = [
-            f"convert: {self.out_dir}: {len(self.plan.layout)} tensors from a dialect-{self.plan.dialect} "
-            f"export{' + the release' if self.plan.release else ''}; read {self.read_bytes / 1e9:.2f} GB, "
-            f"wrote {self.written_bytes / 1e9:.2f} GB in {self.shards_written + self.shards_kept} shard(s)"
-            f"{kept}; {self.seconds:.1f} s, {rate:.2f} GB/s read",
-            rule_table(self.plan),
-        ]
-        u, tc = self.stats.unify, self.stats.transcode
-        if tc.tensors:
-            lines.append(
-                f"transcoded from the release's MXFP4: {tc.exact} of {tc.tensors} expert tensors exactly"
-                + (
-                    f"; {tc.requantized_blocks} of {tc.blocks} blocks below the e4m3 window re-encoded "
-                    f"(largest relative error of a tensor {tc.max_rel_error:.3g})"
-                    if tc.requantized_blocks
-                    else ""
-                )
+def summary_details(plan: ConvertPlan, stats: RunStats) -> list[str]:
+    """The lines under convert's summary: the rule table, what transcoding and w1/w3 unification cost,
+    and what was not written."""
+    lines = [rule_table(plan)]
+    u, tc = stats.unify, stats.transcode
+    if tc.tensors:
+        lines.append(
+            f"transcoded from the release's MXFP4: {tc.exact} of {tc.tensors} expert tensors exactly"
+            + (
+                f"; {tc.requantized_blocks} of {tc.blocks} blocks below the e4m3 window re-encoded "
+                f"(largest relative error of a tensor {tc.max_rel_error:.3g})"
+                if tc.requantized_blocks
+                else ""
             )
-        if u.experts:
-            lines.append(
-                f"w1/w3 global scales: {u.changed} of {u.experts} experts differed (largest ratio "
-                f"{u.max_ratio:.4g}); unifying them added a relative weight error of {u.rel_error:.3g} "
-                f"overall, {u.max_rel_error:.3g} at most per tensor"
-                if u.changed
-                else f"w1/w3 global scales: equal in all {u.experts} experts (nothing to unify)"
-            )
-        for key, why in self.plan.omitted[:1]:
-            n = len(self.plan.omitted)
-            lines.append(f"not written: {n} tensor(s) such as {key}: {why}")
-        return "\n".join(lines)
+        )
+    if u.experts:
+        lines.append(
+            f"w1/w3 global scales: {u.changed} of {u.experts} experts differed (largest ratio "
+            f"{u.max_ratio:.4g}); unifying them added a relative weight error of {u.rel_error:.3g} "
+            f"overall, {u.max_rel_error:.3g} at most per tensor"
+            if u.changed
+            else f"w1/w3 global scales: equal in all {u.experts} experts (nothing to unify)"
+        )
+    for key, why in plan.omitted[:1]:
+        lines.append(f"not written: {len(plan.omitted)} tensor(s) such as {key}: {why}")
+    return lines
 
 
 def rule_table(plan: ConvertPlan) -> str:
@@ -777,6 +756,57 @@ def rule_table(plan: ConvertPlan) -> str:
     drops = Counter(why for _, why in plan.dropped)
     lines += [f"  dropped  {n:>5} export key(s): {why}" for why, n in sorted(drops.items())]
     return "\n".join(lines)
+
+
+def convert_step(
+    export_dir: str | Path,
+    *,
+    graft_from: str | Path | None = None,
+    dialect: str | None = None,
+    target_vllm: str = DEFAULT_TARGET,
+    device: str = "auto",
+    workers: int = 2,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    full_scales: bool = False,
+    experts: str = "export",
+) -> Step:
+    """Validate and plan (:func:`plan_convert`): the step that :func:`pipeline.streaming_step.run_step`
+    runs."""
+    plan = plan_convert(
+        export_dir,
+        experts=experts,
+        graft_from=graft_from,
+        dialect=dialect,
+        target_vllm=target_vllm,
+        max_shard_bytes=max_shard_bytes,
+        full_scales=full_scales,
+    )
+    dev = resolve_device(device)
+    stats = RunStats()
+    files = {
+        name: config_dumps(obj)
+        for name, obj in (
+            (CONFIG_NAME, plan.config),
+            (HF_QUANT_CONFIG, plan.hf_quant_config),
+            (REPORT_NAME, plan.report()),
+        )
+        if obj is not None
+    }
+    return Step(
+        name="convert",
+        plan=plan,
+        inputs=[plan.export] + ([plan.release] if plan.release else []),
+        output=plan.output(),
+        read_bytes=plan.read_bytes,
+        producer=lambda meter: make_producer(plan, dev, max(1, workers), stats, meter),
+        headline=f"{len(plan.layout)} tensors from a dialect-{plan.dialect} export"
+        + (" + the release" if plan.release else ""),
+        counts=plan.counts(),
+        stats=stats,
+        files=files,
+        copies=plan.extra_files,
+        details=lambda: summary_details(plan, stats),
+    )
 
 
 def convert_checkpoint(
@@ -794,53 +824,24 @@ def convert_checkpoint(
     full_scales: bool = False,
     progress: bool = True,
     experts: str = "export",
-) -> ConvertResult:
-    start = time.perf_counter()
-    plan = plan_convert(
-        export_dir,
-        experts=experts,
+) -> StepResult:
+    """Validate and plan (:func:`plan_convert`), then write the converted checkpoint to ``dst``."""
+    options = dict(
         graft_from=graft_from,
         dialect=dialect,
         target_vllm=target_vllm,
+        device=device,
+        workers=workers,
         max_shard_bytes=max_shard_bytes,
         full_scales=full_scales,
+        experts=experts,
     )
-    dev = resolve_device(device)
-    meter = Progress("convert", plan.read_bytes, enabled=progress)
-    stats = RunStats()
-    output = plan.output()
-    with tempfile.TemporaryDirectory(prefix="dsv4-convert-") as tmp:
-        extras = list(plan.extra_files)
-        for name, obj in (
-            (CONFIG_NAME, plan.config),
-            (HF_QUANT_CONFIG, plan.hf_quant_config),
-            (REPORT_NAME, plan.report()),
-        ):
-            if obj is not None:
-                path = Path(tmp) / name
-                path.write_text(config_dumps(obj))
-                extras.append(path)
-        inputs = [plan.export] + ([plan.release] if plan.release else [])
-        result = write_checkpoint(
-            output,
-            dst,
-            make_producer(plan, dev, max(1, workers), stats, meter),
-            inputs=inputs,
-            extra_files=extras,
-            resume=resume,
-            overwrite=overwrite,
-            progress=meter.message if progress else None,
-        )
-    meter.close()
-    return ConvertResult(
-        result.out_dir,
-        plan,
-        stats,
-        plan.read_bytes,
-        output.total_bytes,
-        time.perf_counter() - start,
-        len(result.written),
-        len(result.skipped),
+    return run_step(
+        lambda: convert_step(export_dir, **options),
+        dst,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
     )
 
 
@@ -870,10 +871,10 @@ __all__ = [
     "RUNNERS",
     "STEP",
     "ConvertPlan",
-    "ConvertResult",
     "Job",
     "UnifyStats",
     "convert_checkpoint",
+    "convert_step",
     "dry_run_table",
     "plan_convert",
     "run_action",

@@ -45,8 +45,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import tempfile
-import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +65,6 @@ from pipeline.checkpoint import (
     ensure_valid,
     plan_shards,
     read_tensor,
-    write_checkpoint,
 )
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.errors import DsV4Error, one_line
@@ -74,6 +72,7 @@ from pipeline.progress import Progress
 from pipeline.provenance import code_digest
 from pipeline.release_layout import ROUTED_EXPERT, compress_ratio, release_tensors
 from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.streaming_step import Step, StepResult, run_step
 
 STEP = "dsv4 slice"
 REPORT_NAME = "dsv4-slice-report.json"
@@ -366,22 +365,47 @@ def produce_tensor(plan: SlicePlan, key: str) -> torch.Tensor:
 # ---- the run ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class SliceResult:
-    out_dir: Path
-    plan: SlicePlan
-    seconds: float
-    shards_written: int
-    shards_kept: int
+def slice_step(
+    src: str | Path,
+    *,
+    layers: int | Sequence[int] = DEFAULT_LAYERS,
+    experts: int = DEFAULT_EXPERTS,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    full_scales: bool = False,
+) -> Step:
+    """Validate ``src`` (release layout) and plan the slice: the step that
+    :func:`pipeline.streaming_step.run_step` runs; it validates the output too."""
+    ckpt = ensure_valid(src, expect=Layout.RELEASE, step=STEP, full_scales=full_scales)
+    plan = plan_slice(ckpt, layers, experts, max_shard_bytes)
 
-    def summary(self) -> str:
-        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
-        layers = ", ".join(f"{new}<-{old}" for new, old in enumerate(self.plan.layers))
-        return (
-            f"slice: {self.out_dir}: layers {layers}, {self.plan.experts} experts; "
-            f"{len(self.plan.output.weight_map)} tensors, {self.plan.output.total_bytes / 1e9:.2f} GB in "
-            f"{self.shards_written + self.shards_kept} shard(s){kept}; {self.seconds:.1f} s"
-        )
+    def producer(meter: Progress):
+        def produce(shard: ShardPlan):
+            for t in shard.tensors:
+                tensor = produce_tensor(plan, t.key)
+                meter.advance(plan.sources[t.key].info.nbytes, t.key)
+                yield t.key, tensor
+
+        return produce
+
+    kept = ", ".join(f"{new}<-{old}" for new, old in enumerate(plan.layers))
+    return Step(
+        name="slice",
+        plan=plan,
+        inputs=[plan.source],
+        output=plan.output,
+        read_bytes=plan.read_bytes,
+        producer=producer,
+        headline=f"layers {kept}, {plan.experts} experts; {len(plan.output.weight_map)} tensors",
+        counts=Counter(s.action for s in plan.sources.values()),
+        files={
+            name: json.dumps(obj, indent=2) + "\n"
+            for name, obj in ((CONFIG_NAME, plan.config), (REPORT_NAME, plan.report()))
+        },
+        copies=plan.extra_files,
+        check_output=lambda out: ensure_valid(
+            out, expect=Layout.RELEASE, step=f"{STEP} (its output)", full_scales=True
+        ),
+    )
 
 
 def slice_checkpoint(
@@ -395,39 +419,11 @@ def slice_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
-) -> SliceResult:
+) -> StepResult:
     """Validate ``src`` (release layout), plan, write the slice to ``dst``, validate it."""
-    start = time.perf_counter()
-    ckpt = ensure_valid(src, expect=Layout.RELEASE, step=STEP, full_scales=full_scales)
-    plan = plan_slice(ckpt, layers, experts, max_shard_bytes)
-    meter = Progress("slice", plan.read_bytes, enabled=progress)
-
-    def produce(shard: ShardPlan):
-        for t in shard.tensors:
-            tensor = produce_tensor(plan, t.key)
-            meter.advance(plan.sources[t.key].info.nbytes, t.key)
-            yield t.key, tensor
-
-    with tempfile.TemporaryDirectory(prefix="dsv4-slice-") as tmp:
-        extras = list(plan.extra_files)
-        for name, obj in ((CONFIG_NAME, plan.config), (REPORT_NAME, plan.report())):
-            path = Path(tmp) / name
-            path.write_text(json.dumps(obj, indent=2) + "\n")
-            extras.append(path)
-        result = write_checkpoint(
-            plan.output,
-            dst,
-            produce,
-            inputs=[plan.source],
-            extra_files=extras,
-            resume=resume,
-            overwrite=overwrite,
-            progress=meter.message if progress else None,
-        )
-    meter.close()
-    ensure_valid(result.out_dir, expect=Layout.RELEASE, step=f"{STEP} (its output)", full_scales=True)
-    return SliceResult(
-        result.out_dir, plan, time.perf_counter() - start, len(result.written), len(result.skipped)
+    options = dict(layers=layers, experts=experts, max_shard_bytes=max_shard_bytes, full_scales=full_scales)
+    return run_step(
+        lambda: slice_step(src, **options), dst, resume=resume, overwrite=overwrite, progress=progress
     )
 
 
@@ -459,7 +455,6 @@ __all__ = [
     "REPORT_NAME",
     "STEP",
     "SlicePlan",
-    "SliceResult",
     "dry_run_table",
     "layer_kinds",
     "parse_layers",
@@ -468,5 +463,6 @@ __all__ = [
     "remap_tid2eid",
     "select_layers",
     "slice_checkpoint",
+    "slice_step",
     "sliced_config",
 ]
