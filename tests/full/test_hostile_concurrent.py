@@ -52,7 +52,7 @@ CHILD = textwrap.dedent(
             return real(source, device)
         m.convert = slow
     elif step == "convert":
-        import pipeline.convert as m
+        import pipeline.convert.produce as m
         real = m.run_job
         def slow(job, device, stats):
             if victim in job.outputs:
