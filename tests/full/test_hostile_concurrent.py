@@ -60,7 +60,7 @@ CHILD = textwrap.dedent(
             return real(job, device, stats)
         m.run_job = slow
     else:
-        import pipeline.slice as m
+        import pipeline.slice.step as m
         real = m.produce_tensor
         def slow(plan, key):
             if key == victim:

@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # defaults from; each entry names the import. Remove an entry when its module stops importing torch at
 # import time (the test then passes: strict xfail makes it say so).
 HELP_IMPORTS_TORCH = {
-    "slice": "--layers and --experts: pipeline.slice imports torch",
     "serve": "the flag and refusal tables: pipeline.serve imports torch (through pipeline.checkpoint)",
 }
 
