@@ -15,7 +15,6 @@ keeps the next tensors converting while the current one is written.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ import torch
 
 from pipeline.checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
-    JOURNAL_NAME,
     Checkpoint,
     Layout,
     OutputPlan,
@@ -38,6 +35,7 @@ from pipeline.checkpoint import (
     producer_pool,
     read_tensor,
 )
+from pipeline.checkpoint.folder import files_to_copy, free_disk
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
@@ -109,14 +107,7 @@ def plan_dequant(ckpt: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -
         sources.pop(key, None)  # a scale that sorted before its weight
     planned = [_output_tensor(src) for src in sources.values()]
     output = plan_shards(planned, max_shard_bytes=max_shard_bytes)
-    extras = [
-        p
-        for p in sorted(ckpt.root.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(".safetensors")
-        and p.name not in (INDEX_NAME, CONFIG_NAME, JOURNAL_NAME)
-    ]
+    extras = files_to_copy(ckpt.root, rewritten=(CONFIG_NAME,))
     return DequantPlan(ckpt.root, output, sources, ckpt.config, extras)
 
 
@@ -242,9 +233,7 @@ def dry_run_table(plan: DequantPlan, dst: str | Path) -> str:
         if group:
             read = sum(s.read_bytes for s in group) / 1e9
             lines.append(f"  {names[fmt]:<18} {len(group):>8} tensors  {read:10.2f} GB read")
-    out = Path(dst).resolve()
-    probe = out if out.exists() else next(p for p in out.parents if p.exists())
-    free = shutil.disk_usage(probe).free
+    probe, free = free_disk(dst)
     lines.append(
         f"  output: {len(plan.output.shards)} shard(s), {plan.output.total_bytes / 1e9:.2f} GB; "
         f"{free / 1e9:.2f} GB free at {probe}"

@@ -17,8 +17,6 @@ from pathlib import Path
 from pipeline import mapping as M
 from pipeline.checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
-    JOURNAL_NAME,
     Checkpoint,
     Layout,
     OutputPlan,
@@ -27,6 +25,7 @@ from pipeline.checkpoint import (
     ensure_valid,
     plan_shards,
 )
+from pipeline.checkpoint.folder import files_to_copy
 from pipeline.checkpoint.reader import read_json_object
 from pipeline.config import DEFAULT_TARGET, HF_QUANT_CONFIG, FixResult, fix_config, layout_config
 from pipeline.errors import DsV4Error
@@ -36,8 +35,8 @@ from pipeline.step_options import DEFAULT_SHARD_BYTES
 from .constants import EXPERT_SOURCES, REPORT_NAME, STEP
 from .jobs import Job, JobTable, add_export_jobs, add_fallback_input_scale_jobs, add_graft_jobs
 
-# files of an export that the output does not copy: its own tensors, index and configs are rewritten
-_NOT_COPIED = (INDEX_NAME, CONFIG_NAME, HF_QUANT_CONFIG, JOURNAL_NAME, REPORT_NAME)
+# files of an export that the output writes itself instead of copying them
+_REWRITTEN = (CONFIG_NAME, HF_QUANT_CONFIG, REPORT_NAME)
 
 
 @dataclass
@@ -246,14 +245,9 @@ def _output_config(
 
 def _copied_files(export: Checkpoint) -> list[Path]:
     """The export's other files (tokenizer, generation config, ...), copied unchanged."""
-    return [
-        p
-        for p in sorted(export.root.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith((".safetensors", ".orig", ".partial"))
-        and p.name not in _NOT_COPIED
-    ]
+    return files_to_copy(
+        export.root, rewritten=_REWRITTEN, skip_suffixes=(".safetensors", ".orig", ".partial")
+    )
 
 
 def _dropped(export: Checkpoint, mplan: M.Plan, jobs: dict[str, Job]) -> list[tuple[str, str]]:

@@ -3,9 +3,10 @@ action, and the export keys dropped) and the dry-run table."""
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from pathlib import Path
+
+from pipeline.checkpoint.folder import free_disk
 
 from .plan import ConvertPlan
 
@@ -21,8 +22,7 @@ def rule_table(plan: ConvertPlan) -> str:
 
 
 def dry_run_table(plan: ConvertPlan, dst: str | Path) -> str:
-    out = Path(dst).resolve()
-    probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    probe, free = free_disk(dst)
     output = plan.output()
     lines = [
         f"convert plan: {plan.export} (dialect {plan.dialect})"
@@ -30,7 +30,7 @@ def dry_run_table(plan: ConvertPlan, dst: str | Path) -> str:
         + f" -> {dst}",
         rule_table(plan),
         f"  read {plan.read_bytes / 1e9:.2f} GB; output {len(output.shards)} shard(s), "
-        f"{output.total_bytes / 1e9:.2f} GB; {shutil.disk_usage(probe).free / 1e9:.2f} GB free at {probe}",
+        f"{output.total_bytes / 1e9:.2f} GB; {free / 1e9:.2f} GB free at {probe}",
     ]
     if plan.omitted:
         lines.append(

@@ -13,8 +13,6 @@ import torch
 
 from pipeline.checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
-    JOURNAL_NAME,
     Checkpoint,
     OutputPlan,
     PlannedTensor,
@@ -22,6 +20,7 @@ from pipeline.checkpoint import (
     plan_shards,
     read_tensor,
 )
+from pipeline.checkpoint.folder import files_to_copy
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.errors import DsV4Error, one_line
 from pipeline.provenance import code_digest
@@ -198,14 +197,9 @@ def plan_slice(
             ids = read_tensor(src.info)
             remapped[key] = remap_tid2eid(ids, experts)
             rerouted[key] = int((remapped[key] != ids).any(dim=1).sum())
-    extras = [
-        p
-        for p in sorted(ckpt.root.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith((".safetensors", ".partial"))
-        and p.name not in (INDEX_NAME, CONFIG_NAME, JOURNAL_NAME, REPORT_NAME)
-    ]
+    extras = files_to_copy(
+        ckpt.root, rewritten=(CONFIG_NAME, REPORT_NAME), skip_suffixes=(".safetensors", ".partial")
+    )
     output = plan_shards(planned, max_shard_bytes=max_shard_bytes)
     return SlicePlan(
         ckpt.root, dict(config), kept, experts, new_config, output, sources, remapped, rerouted, extras
