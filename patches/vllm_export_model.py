@@ -6,7 +6,7 @@ this module imports vLLM's model code: do it only where a model is built.
 
 The class is vLLM's own ``DeepseekV4ForCausalLM`` (the platform's: ``vllm.models.deepseek_v4`` picks the
 NVIDIA, AMD, XPU or CPU implementation) with one method overridden: :meth:`load_weights` passes every
-(name, tensor) the loader yields through :class:`pipeline.convert_stream.StreamConverter` — the mapping
+(name, tensor) the loader yields through :class:`pipeline.convert.stream.StreamConverter` — the mapping
 table and actions of ``dsv4 convert``, byte for byte — and hands the parent's ``load_weights`` the
 release-layout names and tensors it loads from a converted checkpoint. The layers are built from
 config.json as for a converted checkpoint: ``dsv4 use-plugin`` writes the same config ``dsv4 convert``
@@ -31,7 +31,7 @@ import torch
 from vllm.models.deepseek_v4 import DeepseekV4ForCausalLM
 
 from pipeline.checkpoint.reader import read_json_object
-from pipeline.convert_stream import StreamConverter, StreamConvertError
+from pipeline.convert.stream import StreamConverter, StreamConvertError
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
 from pipeline.vllm_config import layout_config

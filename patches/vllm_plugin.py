@@ -17,7 +17,7 @@ registry's other entries are untouched (tests/crosscheck/test_vllm_plugin.py com
 The class (``patches/vllm_export_model.py``, registered by name so that importing it — and vLLM's
 model code, which may initialise CUDA — waits until a process actually builds the model) subclasses
 vLLM's ``DeepseekV4ForCausalLM`` and overrides only ``load_weights``: each (name, tensor) of the export
-goes through :class:`pipeline.convert_stream.StreamConverter` — the mapping table and the actions of
+goes through :class:`pipeline.convert.stream.StreamConverter` — the mapping table and the actions of
 ``dsv4 convert`` — and comes out under the release's names, which the parent's own loader expects.
 
 This module imports nothing from vLLM at import time (``dsv4 use-plugin`` reads :data:`ARCHITECTURE`

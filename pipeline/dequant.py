@@ -15,9 +15,6 @@ keeps the next tensors converting while the current one is written.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,8 +24,6 @@ import torch
 
 from pipeline.checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
-    JOURNAL_NAME,
     Checkpoint,
     Layout,
     OutputPlan,
@@ -39,8 +34,8 @@ from pipeline.checkpoint import (
     plan_shards,
     producer_pool,
     read_tensor,
-    write_checkpoint,
 )
+from pipeline.checkpoint.folder import files_to_copy, free_disk
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
@@ -48,6 +43,7 @@ from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
 from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.streaming_step import Step, StepResult, run_step
 
 STEP = "dsv4 dequant"
 OUT_DTYPE = "BF16"
@@ -111,14 +107,7 @@ def plan_dequant(ckpt: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -
         sources.pop(key, None)  # a scale that sorted before its weight
     planned = [_output_tensor(src) for src in sources.values()]
     output = plan_shards(planned, max_shard_bytes=max_shard_bytes)
-    extras = [
-        p
-        for p in sorted(ckpt.root.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(".safetensors")
-        and p.name not in (INDEX_NAME, CONFIG_NAME, JOURNAL_NAME)
-    ]
+    extras = files_to_copy(ckpt.root, rewritten=(CONFIG_NAME,))
     return DequantPlan(ckpt.root, output, sources, ckpt.config, extras)
 
 
@@ -181,25 +170,36 @@ def _finish(item, plan: DequantPlan, progress: Progress | None) -> tuple[str, to
     return planned.key, tensor
 
 
-@dataclass
-class DequantResult:
-    out_dir: Path
-    counts: Counter
-    read_bytes: int
-    written_bytes: int
-    seconds: float
-    shards_written: int
-    shards_kept: int
-
-    def summary(self) -> str:
-        rate = self.read_bytes / self.seconds / 1e9 if self.seconds else 0.0
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
-        kept = f" ({self.shards_kept} kept from an earlier run)" if self.shards_kept else ""
-        return (
-            f"dequant: {self.out_dir}: {sum(self.counts.values())} tensors ({kinds}); read "
-            f"{self.read_bytes / 1e9:.2f} GB, wrote {self.written_bytes / 1e9:.2f} GB in "
-            f"{self.shards_written + self.shards_kept} shard(s){kept}; {self.seconds:.1f} s, {rate:.2f} GB/s read"
-        )
+def dequant_step(
+    src: str | Path,
+    *,
+    device: str = "auto",
+    workers: int = 2,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    full_scales: bool = False,
+) -> Step:
+    """Validate ``src`` (it must be the release layout) and plan its BF16 copy: the step that
+    :func:`pipeline.streaming_step.run_step` runs."""
+    ckpt = ensure_valid(src, expect=Layout.RELEASE, step=STEP, full_scales=full_scales)
+    plan = plan_dequant(ckpt, max_shard_bytes)
+    dev = resolve_device(device)
+    counts = plan.counts()
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    files = (
+        {} if plan.config is None else {CONFIG_NAME: json.dumps(bf16_config(plan.config), indent=2) + "\n"}
+    )
+    return Step(
+        name="dequant",
+        plan=plan,
+        inputs=[plan.source],
+        output=plan.output,
+        read_bytes=plan.read_bytes,
+        producer=lambda meter: make_producer(plan, dev, max(1, workers), meter),
+        headline=f"{sum(counts.values())} tensors ({kinds})",
+        counts=counts,
+        files=files,
+        copies=plan.extra_files,
+    )
 
 
 def dequantize_checkpoint(
@@ -213,38 +213,11 @@ def dequantize_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
-) -> DequantResult:
+) -> StepResult:
     """Validate ``src`` (it must be the release layout), plan, and write the BF16 checkpoint to ``dst``."""
-    start = time.perf_counter()
-    ckpt = ensure_valid(src, expect=Layout.RELEASE, step=STEP, full_scales=full_scales)
-    plan = plan_dequant(ckpt, max_shard_bytes)
-    dev = resolve_device(device)
-    meter = Progress("dequant", plan.read_bytes, enabled=progress)
-    with tempfile.TemporaryDirectory(prefix="dsv4-dequant-") as tmp:
-        extras = list(plan.extra_files)
-        if plan.config is not None:
-            config_path = Path(tmp) / CONFIG_NAME
-            config_path.write_text(json.dumps(bf16_config(plan.config), indent=2) + "\n")
-            extras.append(config_path)
-        result = write_checkpoint(
-            plan.output,
-            dst,
-            make_producer(plan, dev, max(1, workers), meter),
-            inputs=[plan.source],
-            extra_files=extras,
-            resume=resume,
-            overwrite=overwrite,
-            progress=meter.message if progress else None,
-        )
-    meter.close()
-    return DequantResult(
-        result.out_dir,
-        plan.counts(),
-        plan.read_bytes,
-        plan.output.total_bytes,
-        time.perf_counter() - start,
-        len(result.written),
-        len(result.skipped),
+    options = dict(device=device, workers=workers, max_shard_bytes=max_shard_bytes, full_scales=full_scales)
+    return run_step(
+        lambda: dequant_step(src, **options), dst, resume=resume, overwrite=overwrite, progress=progress
     )
 
 
@@ -260,9 +233,7 @@ def dry_run_table(plan: DequantPlan, dst: str | Path) -> str:
         if group:
             read = sum(s.read_bytes for s in group) / 1e9
             lines.append(f"  {names[fmt]:<18} {len(group):>8} tensors  {read:10.2f} GB read")
-    out = Path(dst).resolve()
-    probe = out if out.exists() else next(p for p in out.parents if p.exists())
-    free = shutil.disk_usage(probe).free
+    probe, free = free_disk(dst)
     lines.append(
         f"  output: {len(plan.output.shards)} shard(s), {plan.output.total_bytes / 1e9:.2f} GB; "
         f"{free / 1e9:.2f} GB free at {probe}"
@@ -276,9 +247,9 @@ def dry_run_table(plan: DequantPlan, dst: str | Path) -> str:
 
 __all__ = [
     "DequantPlan",
-    "DequantResult",
     "Source",
     "bf16_config",
+    "dequant_step",
     "dequantize_checkpoint",
     "dry_run_table",
     "plan_dequant",

@@ -68,12 +68,18 @@ LAYERS: tuple[Layer, ...] = (
         " flag contract, the ModelOpt patches and the vLLM plugin's names",
     ),
     Layer(
+        "skeleton",
+        ("pipeline.streaming_step",),
+        "the one streaming step every file-to-file step runs on: the step supplies a plan (from the"
+        " headers) and a producer (the output tensors); the skeleton times it, shows progress, writes"
+        " through the crash-safe writer and returns the one result type with its one summary",
+    ),
+    Layer(
         "steps",
         (
             "pipeline.dequant",
             "pipeline.slice",
             "pipeline.convert",
-            "pipeline.convert_stream",
             "pipeline.transcode_scan",
             "pipeline.quantize",
             "pipeline.hf_ptq_driver",

@@ -8,6 +8,7 @@ validate  validate_checkpoint -> ValidationReport (all problems), ensure_valid
 layout    Layout, classify_layout, require_layout, role_of, ROLES
 inspect   summarize, format_summary
 dtypes    the one safetensors <-> torch dtype table
+folder    files_to_copy (a folder's non-tensor files), free_disk
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "classify_layout": ("layout", "classify_layout"),
     "copy_file_atomic": ("writer", "copy_file_atomic"),
     "ensure_valid": ("validate", "ensure_valid"),
+    "files_to_copy": ("folder", "files_to_copy"),
     "format_summary": ("inspect", "format_summary"),
+    "free_disk": ("folder", "free_disk"),
     "from_torch": ("dtypes", "from_torch"),
     "locate": ("reader", "locate"),
     "per_tensor": ("writer", "per_tensor"),

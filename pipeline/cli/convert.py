@@ -1,4 +1,4 @@
-"""`dsv4 convert EXPORT DST`: a ModelOpt NVFP4 export -> the layout vLLM loads (pipeline/convert.py)."""
+"""`dsv4 convert EXPORT DST`: a ModelOpt NVFP4 export -> the layout vLLM loads (pipeline/convert/)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ with byte-identical output. EXPORT and RELEASE are only read.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.convert import EXPERT_SOURCES
+    from pipeline.convert.constants import EXPERT_SOURCES
     from pipeline.mapping import DIALECTS
 
     p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION)

@@ -1,5 +1,5 @@
 """`dsv4 slice RELEASE OUT --layers 2 --experts 8`: a small release-layout checkpoint cut out of the
-release (pipeline/slice.py)."""
+release (pipeline/slice/)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ last (--resume continues a killed run), then validated.
 
 
 def _layers(text: str) -> int | tuple[int, ...]:
-    from pipeline.slice import parse_layers
+    from pipeline.slice.selection import parse_layers
 
     try:
         return parse_layers(text)
@@ -41,7 +41,7 @@ def _layers(text: str) -> int | tuple[int, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.slice import DEFAULT_EXPERTS, DEFAULT_LAYERS, KINDS
+    from pipeline.slice.selection import DEFAULT_EXPERTS, DEFAULT_LAYERS, KINDS
 
     p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION.format(kinds=", ".join(KINDS)))
     p.add_argument("src", help="release checkpoint directory")

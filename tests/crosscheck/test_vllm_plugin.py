@@ -220,7 +220,7 @@ def test_the_stream_yields_what_dsv4_convert_writes(export, tmp_path, recipe, di
 
     from pipeline.checkpoint import Checkpoint
     from pipeline.convert import convert_checkpoint
-    from pipeline.convert_stream import StreamConverter
+    from pipeline.convert.stream import StreamConverter
 
     ex = export(recipe, dialect, w13)
     result = convert_checkpoint(ex, tmp_path / "converted", progress=False)
@@ -249,7 +249,7 @@ def test_the_stream_yields_what_dsv4_convert_writes(export, tmp_path, recipe, di
 
 def test_the_stream_does_not_depend_on_the_order(export):
     from pipeline.checkpoint import Checkpoint
-    from pipeline.convert_stream import StreamConverter
+    from pipeline.convert.stream import StreamConverter
 
     ex = export("full", "H", "separate")
     pairs = list(Checkpoint.open(ex).iter_tensors())
@@ -434,7 +434,7 @@ def test_an_export_key_no_rule_maps_raises_naming_it(plugin_models):
 
 
 def test_an_operand_whose_weight_never_arrives_raises_naming_it(plugin_models):
-    from pipeline.convert_stream import StreamConvertError
+    from pipeline.convert.stream import StreamConvertError
 
     model = plugin_models.build.model(plugin_models.cls, plugin_models.model_dir)
     key = "model.layers.0.attn.wq_a.weight_scale_2"

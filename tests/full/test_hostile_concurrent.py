@@ -52,7 +52,7 @@ CHILD = textwrap.dedent(
             return real(source, device)
         m.convert = slow
     elif step == "convert":
-        import pipeline.convert as m
+        import pipeline.convert.produce as m
         real = m.run_job
         def slow(job, device, stats):
             if victim in job.outputs:
@@ -60,7 +60,7 @@ CHILD = textwrap.dedent(
             return real(job, device, stats)
         m.run_job = slow
     else:
-        import pipeline.slice as m
+        import pipeline.slice.step as m
         real = m.produce_tensor
         def slow(plan, key):
             if key == victim:

@@ -42,7 +42,7 @@ CHILD = textwrap.dedent(
             return real(source, device)
         m.convert = slow
     else:
-        import pipeline.convert as m
+        import pipeline.convert.produce as m
         real = m.run_job
         def slow(job, device, stats):
             if victim in job.outputs:

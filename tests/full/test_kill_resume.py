@@ -133,7 +133,7 @@ def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_release, tmp_path):
 CONVERT_KILLER = textwrap.dedent(
     """
     import sys, time, pathlib
-    import pipeline.convert as c
+    import pipeline.convert.produce as c
     real = c.run_job
     ready = pathlib.Path(sys.argv[3])
     def slow(job, device, stats):

@@ -20,14 +20,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# `dsv4 <command> --help` of these still imports torch, through a step module it reads its choices and
-# defaults from; each entry names the import. Remove an entry when its module stops importing torch at
-# import time (the test then passes: strict xfail makes it say so).
-HELP_IMPORTS_TORCH = {
-    "convert": "--experts' choices: pipeline.convert imports torch",
-    "slice": "--layers and --experts: pipeline.slice imports torch",
-}
-
 # Runs in a fresh interpreter: every torch import is refused and recorded under the argv that asked for
 # it, so one interpreter judges every argv (a refused import leaves nothing in sys.modules behind).
 TORCH_PROBE = """
@@ -69,15 +61,7 @@ def test_dsv4_help_and_version_start_without_torch(torch_at_start, argv):
     assert torch_at_start[argv] == {"torch": False, "printed": True}
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=HELP_IMPORTS_TORCH[name], strict=True))
-        if name in HELP_IMPORTS_TORCH
-        else name
-        for name in command_names()
-    ],
-)
+@pytest.mark.parametrize("command", command_names())
 def test_command_help_starts_without_torch(torch_at_start, command):
     assert torch_at_start[f"{command} --help"] == {"torch": False, "printed": True}
 

@@ -1,4 +1,4 @@
-"""pipeline/convert_stream.py on synthetic ModelOpt exports of the micro model, torch only: the stream gives
+"""pipeline/convert/stream.py on synthetic ModelOpt exports of the micro model, torch only: the stream gives
 what `dsv4 convert` writes, and says which key is wrong when the input is incomplete. (The vllm tier,
 tests/crosscheck/test_vllm_plugin.py, feeds it through vLLM's own iterator and loader.)"""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.convert_stream import StreamConverter, StreamConvertError
+from pipeline.convert.stream import StreamConverter, StreamConvertError
 from pipeline.mapping import UnmappedKeyError
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ ModelOpt NVFP4. :class:`StreamConverter` gives exactly that, byte for byte (chec
 ``convert_checkpoint`` by tests/crosscheck/test_vllm_plugin.py), because it decides nothing itself:
 
 * every name goes through :func:`pipeline.mapping.map_key`, the one table (rename rule + action);
-* every action runs through :data:`pipeline.convert.RUNNERS` with a :class:`pipeline.convert.Job`
+* every action runs through :data:`pipeline.convert.runners.RUNNERS` with a :class:`pipeline.convert.jobs.Job`
   shaped as ``plan_convert`` shapes it (same inputs in the same order, same params).
 
 What a stream adds is order. Some jobs read several export tensors: an NVFP4 weight that becomes FP8 or
@@ -45,10 +45,13 @@ import torch
 from pipeline import mapping as M
 from pipeline.checkpoint import TensorInfo, from_torch
 from pipeline.checkpoint.validate import value_problem
-from pipeline.convert import _EXPERT_SIBLING, RUNNERS, Job, RunStats
 from pipeline.errors import DsV4Error
 from pipeline.release_layout import ROUTED_EXPERT
 from pipeline.vllm_config import layout_config
+
+from .constants import _EXPERT_SIBLING
+from .jobs import Job
+from .runners import RUNNERS, RunStats
 
 _NVFP4_PARTS = (".weight", ".weight_scale", ".weight_scale_2")  # the runner's input order
 # slots of an expert's unify job, after its module's release name (layers.N.ffn.experts.E)
@@ -63,7 +66,7 @@ class StreamConvertError(DsV4Error):
 class _TensorFile:
     """An in-memory stand-in for a shard file, so that a TensorInfo can point at a tensor already read.
 
-    Only for the unify job's params: ``pipeline.convert._run_unify`` reads the w1/w3 packed weights
+    Only for the unify job's params: ``pipeline.convert.runners._run_unify`` reads the w1/w3 packed weights
     itself (``read_tensor(job.params[i])``) to measure the error it adds, and only when the two global
     scales differ. The bytes are copied then, not before."""
 
@@ -138,7 +141,7 @@ class StreamConverter:
     ``config``: the export's config.json (any vLLM target's fields: ``layout_config`` restores the
     release's); it decides the target layout. ``dialect``: H, X or N, or None to find it from the keys.
     ``device``: where the actions compute (``pipeline.device.resolve_device``); outputs come back to
-    the CPU, as ``pipeline.convert.run_job`` brings them back for the writer."""
+    the CPU, as ``pipeline.convert.runners.run_job`` brings them back for the writer."""
 
     def __init__(
         self, config: Mapping, *, dialect: str | None = None, device: torch.device | str = "cpu"
