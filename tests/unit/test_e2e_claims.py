@@ -1,5 +1,6 @@
-"""What `dsv4 e2e` says about serving its checkpoints is what `dsv4 serve` does with them: it once said
-they were "ready for dsv4 serve", which refuses the micro model (no tokenizer; 4 heads, tensor parallel 8)."""
+"""What the commands say about `dsv4 e2e` is true. It once said its checkpoints were "ready for dsv4
+serve", which refuses the micro model (no tokenizer; 4 heads, tensor parallel 8); `dsv4 demo --help` once
+said the tiny end to end had not landed."""
 
 import json
 
@@ -42,3 +43,11 @@ def test_past_serves_checks_the_note_names_the_head_dim_vllms_kernels_need(micro
     assert dsv4(argv) == 0  # with both flags serve's own checks pass; vLLM's kernels need more
     assert capsys.readouterr().out.startswith("vllm serve ")
     assert f"head_dim 512; this model's is {config['head_dim']}" in serve_note(ckpt, config)
+
+
+def test_demo_help_sends_the_reader_to_e2e_and_never_says_it_has_not_landed(capsys):
+    with pytest.raises(SystemExit):
+        dsv4(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "landed" not in text
+    assert "`dsv4 e2e` runs the pipeline itself on a tiny model" in text
