@@ -22,7 +22,8 @@ the BF16 copy with real ModelOpt for both recipes, converts each export into the
 `dsv4 convert` (the experts recipe grafted onto the release, as NVIDIA does), and scores each converted
 checkpoint against the BF16 model: transformers' DeepseekV4ForCausalLM in float32 with the weights vLLM
 would compute with (harness/vllm_view.py: FP8 tiles dequantized, NVFP4 experts with w1's global scale
-for the fused w13).
+for the fused w13). The converted checkpoints (--workdir keeps them) are for checking what vLLM loads,
+not for serving: `dsv4 serve` refuses the micro model, and e2e prints why.
 Needs the quant extras: pip install -c constraints.txt -e '.[quant]'.
 """
 
