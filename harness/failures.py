@@ -1,4 +1,4 @@
-"""The failure catalogue: every failure the seeds record (quantization Runs 1-11, serving attempts S1-S15)
+"""The failure catalogue: every failure the seed notes record (Run N, SN, Config N: README.md, "Terms")
 -> the tests that catch it -> the tier that runs them -> how long before a run they fire.
 
 Data, so that "no row without a test" is checked, not promised: tests/unit/test_failures.py fails if a
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The user's notes, beside the clone as CI has them (../shared/seeds); not part of the repository.
+# The seed notes (README.md, "Terms"), beside the clone as CI has them; not part of the repository.
 SEED_NOTES = ROOT.parent / "shared" / "seeds"
 # What the notes record, extracted by EXTRACTION_RULES and committed so that the catalogue is checked
 # against the notes even where they are absent (tests/unit/test_failures.py re-extracts when present).
@@ -647,9 +647,9 @@ def markdown() -> str:
     lines = [
         "# Failure catalogue",
         "",
-        "Every failure the seeds' notes record (quantization Runs 1–11, serving attempts S1–S15, the four",
-        "config.json patches and the other failures of their bug lists) → the tests that catch it → the",
-        "tier that runs them → when they fire. Generated from `harness/failures.py`; the list of failures",
+        "Every failure the seed notes record (Run N, SN, Config N: the README defines these under",
+        "[Terms](../README.md#terms); and the other failures of their bug lists) → the tests that catch it",
+        "→ the tier that runs them → when they fire. Generated from `harness/failures.py`; the list of failures",
         "is `fixtures/seed_failures.json`, extracted from the notes by `harness.failures.EXTRACTION_RULES`",
         "(each entry quotes the line that records it). `tests/unit/test_failures.py` re-extracts it from",
         "`../shared/seeds` when present, and checks that every failure has a row, every row names tests,",

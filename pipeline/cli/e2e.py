@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,8 @@ the BF16 copy with real ModelOpt for both recipes, converts each export into the
 `dsv4 convert` (the experts recipe grafted onto the release, as NVIDIA does), and scores each converted
 checkpoint against the BF16 model: transformers' DeepseekV4ForCausalLM in float32 with the weights vLLM
 would compute with (harness/vllm_view.py: FP8 tiles dequantized, NVFP4 experts with w1's global scale
-for the fused w13).
+for the fused w13). The converted checkpoints (--workdir keeps them) are for checking what vLLM loads,
+not for serving: `dsv4 serve` refuses the micro model, and e2e prints why.
 Needs the quant extras: pip install -c constraints.txt -e '.[quant]'.
 """
 
@@ -54,11 +56,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<10} {score['kl']:21.4f}  {score['top1']:15.3f}")
     if args.workdir:
         print(f"\nconverted checkpoints, in the layout vLLM loads: {work}/vllm-{{experts,transcode,full}}")
-        print(
-            "(to serve one, dsv4 serve needs --tokenizer, since the tiny model has none, and a "
-            "--tensor-parallel-size that divides its attention heads)"
-        )
+        config = json.loads((work / "vllm-experts" / "config.json").read_text())
+        print(serve_note(work / "vllm-experts", config))
     else:
         print("\n(pass --workdir DIR to keep every checkpoint, the converted ones included)")
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# vLLM's DeepSeek V4 attention kernels need this head_dim (the domain brief, section 6; harness/tiny.py).
+VLLM_V4_HEAD_DIM = 512
+
+
+def serve_note(ckpt: Path, config: dict) -> str:
+    """What `dsv4 serve` says about an e2e checkpoint, and why: the tiny models are for checking what vLLM
+    loads, not for serving. Every line must stay true: `dsv4 serve` refuses a checkpoint without a
+    tokenizer and one whose heads the tensor parallel size does not divide (pipeline/serve/checks.py)."""
+    from pipeline.serve.checks import TOKENIZER_FILES
+    from pipeline.serve.settings import NODE_GPUS  # serve's tensor parallel size where no GPU is visible
+
+    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
+    lines = [f"not for serving: dsv4 serve refuses them (`dsv4 serve {ckpt} --print` says why):"]
+    if not any((ckpt / name).is_file() for name in TOKENIZER_FILES):
+        lines.append("  - no tokenizer: the tiny model has none (serve's --tokenizer DIR names one)")
+    if isinstance(heads, int) and heads % NODE_GPUS:
+        divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        lines.append(
+            f"  - {heads} attention heads: serve's default tensor parallel size (the GPUs visible, else "
+            f"{NODE_GPUS}) must divide them (--tensor-parallel-size {divisors})"
+        )
+    if head_dim != VLLM_V4_HEAD_DIM:
+        lines.append(
+            f"  - past those checks, vLLM's V4 attention kernels need head_dim {VLLM_V4_HEAD_DIM}; this "
+            f"model's is {head_dim} (--preset vllm-shaped has {VLLM_V4_HEAD_DIM}; serving it was never tried)"
+        )
+    lines.append(
+        "they are for checking what vLLM loads: `dsv4 validate` here; the vllm tiers load checkpoints converted "
+        "the same way with vLLM's own loader (tests/crosscheck, tests/vllm_node)"
+    )
+    return "\n".join(lines)

@@ -28,6 +28,8 @@ def test_e2e_runs_every_step_and_scores_each_recipe(tmp_path, capsys):
     assert (tmp_path / "work" / "nvfp4-experts" / "dsv4-quantize-report.json").is_file()
     for name in ("experts", "transcode", "full"):
         assert (tmp_path / "work" / f"vllm-{name}" / "dsv4-convert-report.json").is_file()
+    # dsv4 serve refuses the micro model (tests/unit/test_e2e_claims.py): e2e must not call it servable
+    assert "ready for" not in out and "not for serving: dsv4 serve refuses them" in out
 
 
 def test_e2e_refuses_a_non_empty_workdir(tmp_path, capsys):
