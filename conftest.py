@@ -55,8 +55,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """The node's preflight options (`pytest -m b200 --source ...`, docs/preflight.md), defined in
-    tests/b200/conftest.py; registered here because pytest reads this hook only from the conftest
+    tests/preflight/conftest.py; registered here because pytest reads this hook only from the conftest
     files it loads at start-up, and this one always is."""
-    from tests.b200.conftest import add_b200_options
+    from tests.preflight.conftest import add_b200_options
 
     add_b200_options(parser)

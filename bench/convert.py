@@ -57,7 +57,7 @@ from pipeline.formats import nvfp4_global_scale
 from pipeline.mapping import target_layout
 
 # ../shared/reference next to the repo; elsewhere (a lent GPU machine) harness.tiny's copy of the same
-# config (tests/unit/test_tiny_factory.py checks the two agree)
+# config (tests/harness/test_tiny_factory.py checks the two agree)
 REFERENCE_CONFIG = (
     Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-v4-pro" / "config.json"
 )

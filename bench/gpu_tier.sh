@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tier: what a CPU cannot check (tests/gpu) plus GPU throughput, repeatable on any CUDA machine.
+# The GPU tier: what a CPU cannot check (the tests marked gpu) plus GPU throughput, repeatable on any CUDA machine.
 #
 #   bench/gpu_tier.sh pack [MODELOPT_CHECKOUT]
 #                                 on a machine with pip access: download the wheels the GPU machine may
@@ -17,9 +17,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# hypothesis (+ sortedcontainers): `pytest -m gpu` collects every test module, and some import it
 WHEELS=(
   nvidia-modelopt==0.47.0 transformers==5.23.0 omegaconf==2.4.0 pulp==3.3.2
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types typing-inspection syrupy==7.0.1
+  hypothesis==6.170.15 sortedcontainers==2.4.0
 )
 
 pack() {
@@ -52,7 +54,7 @@ run() {
   fi
   # DSV4_REQUIRE: on this machine a missing CUDA or ModelOpt is an error, not a skip
   if [[ "$parts" == *" tests "* ]]; then
-    DSV4_REQUIRE=gpu,quant python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rs -s \
+    DSV4_REQUIRE=gpu,quant python3 -m pytest -m gpu -p no:cacheprovider -q -rs -s \
       --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
   fi
   if [[ "$parts" == *" formats "* ]]; then

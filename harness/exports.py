@@ -6,7 +6,7 @@ Two parts:
   ``export_tensors(config, recipe, dialect)``: every (key, dtype, shape) a ModelOpt export of
   ``config`` holds. They are derived from the release layout independently of pipeline.mapping's rule
   table (ordered string replacements, the way transformers' conversion mapping spells them), and
-  tests/unit/test_mapping.py checks them against real artefacts committed as fixtures: a real ModelOpt
+  tests/mapping/test_mapping.py checks them against real artefacts committed as fixtures: a real ModelOpt
   0.47.0 + transformers 5.23.0 export of the micro tiny model (both recipes) and transformers 5.23.0's
   own DeepseekV4ForCausalLM state dict.
 

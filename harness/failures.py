@@ -1,7 +1,7 @@
 """The failure catalogue: every failure the seed notes record (Run N, SN, Config N: README.md, "Terms")
 -> the tests that catch it -> the tier that runs them -> how long before a run they fire.
 
-Data, so that "no row without a test" is checked, not promised: tests/unit/test_failures.py fails if a
+Data, so that "no row without a test" is checked, not promised: tests/harness/test_failures.py fails if a
 seed failure has no row, a row names no test, or a named test does not exist; docs/failures.md is
 generated from this table (the same test keeps the file equal).
 """
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The seed notes (README.md, "Terms"), beside the clone as CI has them; not part of the repository.
 SEED_NOTES = ROOT.parent / "shared" / "seeds"
 # What the notes record, extracted by EXTRACTION_RULES and committed so that the catalogue is checked
-# against the notes even where they are absent (tests/unit/test_failures.py re-extracts when present).
+# against the notes even where they are absent (tests/harness/test_failures.py re-extracts when present).
 SEED_FAILURES_FILE = ROOT / "fixtures" / "seed_failures.json"
 
 LAPTOP = "on a laptop, in seconds, before anything is rented"
@@ -37,10 +37,10 @@ class Failure:
     fires: str
 
 
-_HF = "tests/unit/test_hf_ptq_driver.py::"
-_SR = "tests/unit/test_serving_regressions.py::"
-_Q = "tests/tiny/test_quantize.py::"
-_FC = "tests/unit/test_fix_config.py::"
+_HF = "tests/quantize/test_hf_ptq_driver.py::"
+_SR = "tests/serve/test_serving_regressions.py::"
+_Q = "tests/quantize/test_quantize.py::"
+_FC = "tests/vllm_config/test_fix_config.py::"
 
 CATALOGUE: tuple[Failure, ...] = (
     Failure(
@@ -49,7 +49,7 @@ CATALOGUE: tuple[Failure, ...] = (
         (
             _Q + "test_run1_release_fp8_source_is_refused_before_loading",
             _HF + "test_quantize_cli_hf_ptq_driver_refuses_a_release_fp8_source",
-            "tests/unit/test_checkpoint_validate.py::test_fp8_checkpoint_where_bf16_is_needed",
+            "tests/checkpoint/test_checkpoint_validate.py::test_fp8_checkpoint_where_bf16_is_needed",
         ),
         "unit, tiny",
         f"{LAPTOP}; {AT_STEP}",
@@ -59,7 +59,7 @@ CATALOGUE: tuple[Failure, ...] = (
         "export read stale GPU amax after hours of calibration: CUDA illegal memory access",
         (
             _Q + "test_report_records_patches_reached_and_versions",
-            "tests/gpu/test_cuda_paths.py::test_export_on_cuda_moves_gpu_tensors_and_matches_the_cpu_weights",
+            "tests/device/test_cuda_paths.py::test_export_on_cuda_moves_gpu_tensors_and_matches_the_cpu_weights",
         ),
         "tiny, gpu",
         f"{LAPTOP_QUANT} (patch reached); {GPU} (on CUDA tensors)",
@@ -70,7 +70,7 @@ CATALOGUE: tuple[Failure, ...] = (
         (
             _HF + "test_the_driver_never_loads_the_model_itself",
             _HF + "test_main_loads_the_model_through_hf_ptq_load_model",
-            "tests/crosscheck/test_hf_ptq_contract.py::test_run3_load_model_goes_through_get_model_with_a_memory_cap",
+            "tests/quantize/test_hf_ptq_contract.py::test_run3_load_model_goes_through_get_model_with_a_memory_cap",
         ),
         "unit, quant",
         LAPTOP,
@@ -86,9 +86,9 @@ CATALOGUE: tuple[Failure, ...] = (
         "Run 5",
         "the fix of Run 4 was not synced to the node: stale code ran",
         (
-            "tests/unit/test_repo_contract.py::test_run5_the_code_digest_names_stale_code",
-            "tests/unit/test_preflight.py::test_code_digest_mismatch_names_run_5",
-            "tests/b200/test_node_preflight.py::test_code_is_what_the_laptop_tested",
+            "tests/repo/test_repo_contract.py::test_run5_the_code_digest_names_stale_code",
+            "tests/preflight/test_preflight.py::test_code_digest_mismatch_names_run_5",
+            "tests/preflight/test_node_preflight.py::test_code_is_what_the_laptop_tested",
         ),
         "unit, b200",
         f"{LAPTOP} (the digest changes); {NODE} (--expect-code compares it)",
@@ -131,9 +131,9 @@ CATALOGUE: tuple[Failure, ...] = (
         "Run 10",
         "export read stale GPU weights: cudaErrorIllegalAddress in get_weight_scaling_factor",
         (
-            "tests/gpu/test_cuda_paths.py::test_export_on_cuda_moves_gpu_tensors_and_matches_the_cpu_weights",
-            "tests/gpu/test_hf_ptq_gpu.py::test_hf_ptq_driver_quantizes_on_cuda_and_the_export_converts",
-            "tests/b200/test_node_preflight.py::test_canary_slice_dequant_quantize_convert_serve",
+            "tests/device/test_cuda_paths.py::test_export_on_cuda_moves_gpu_tensors_and_matches_the_cpu_weights",
+            "tests/quantize/test_hf_ptq_gpu.py::test_hf_ptq_driver_quantizes_on_cuda_and_the_export_converts",
+            "tests/preflight/test_node_preflight.py::test_canary_slice_dequant_quantize_convert_serve",
         ),
         "gpu, b200",
         f"{GPU}; {NODE} (the canary quantizes a 2-layer slice with CUDA)",
@@ -148,7 +148,7 @@ CATALOGUE: tuple[Failure, ...] = (
             _Q + "test_a_drifted_patch_target_is_a_one_line_refusal",
             _Q + "test_report_records_patches_reached_and_versions",
             _Q + "test_hf_ptq_driver_refuses_an_export_that_never_reached_the_patches",
-            "tests/b200/test_node_preflight.py::test_modelopt_patch_targets_are_present",
+            "tests/preflight/test_node_preflight.py::test_modelopt_patch_targets_are_present",
         ),
         "tiny",
         f"{LAPTOP_QUANT}; {NODE} (targets checked against the node's ModelOpt)",
@@ -164,8 +164,8 @@ CATALOGUE: tuple[Failure, ...] = (
         "S2",
         "a patched mapper function never reached the mapper vLLM had cached as a class attribute at import",
         (
-            "tests/crosscheck/test_vllm_plugin.py::test_the_registered_class_loads_an_export_with_vllms_own_loader",
-            "tests/crosscheck/test_vllm_plugin.py::test_registering_changes_nothing_vllm_does_for_other_checkpoints",
+            "tests/plugin/test_vllm_plugin.py::test_the_registered_class_loads_an_export_with_vllms_own_loader",
+            "tests/plugin/test_vllm_plugin.py::test_registering_changes_nothing_vllm_does_for_other_checkpoints",
         ),
         "vllm",
         f"{LAPTOP_VLLM}; no patching at all: `dsv4 convert` writes native names, or the plugin registers a class",
@@ -174,7 +174,7 @@ CATALOGUE: tuple[Failure, ...] = (
         "S3",
         "the launcher's in-memory patch did not reach vLLM's worker processes",
         (
-            "tests/crosscheck/test_vllm_plugin.py::test_vllms_plugin_loader_registers_the_architecture_in_a_spawned_process",
+            "tests/plugin/test_vllm_plugin.py::test_vllms_plugin_loader_registers_the_architecture_in_a_spawned_process",
         ),
         "vllm",
         f"{LAPTOP_VLLM}; the plugin is a vllm.general_plugins entry point, which vLLM loads in every process",
@@ -184,7 +184,7 @@ CATALOGUE: tuple[Failure, ...] = (
         "KeyError layers.0.mlp.experts.0.w2.weight: mlp is transformers' name, ffn the release's",
         (
             _SR + "test_s1_s4_expert_projections_land_on_w1_w2_w3_under_ffn",
-            "tests/crosscheck/test_mapping_vllm.py::test_vllm_refuses_the_names_the_table_renames",
+            "tests/mapping/test_mapping_vllm.py::test_vllm_refuses_the_names_the_table_renames",
         ),
         "unit, vllm",
         LAPTOP,
@@ -201,9 +201,9 @@ CATALOGUE: tuple[Failure, ...] = (
         "shape mismatch w2_weight_scale (7168, 96) vs (7168, 192): deep_gemm_mega_moe reads MXFP4 32-column "
         "scales, the checkpoint has NVFP4 16-column ones",
         (
-            "tests/unit/test_serve.py::test_deep_gemm_mega_moe_is_refused_with_the_s6_reason",
-            "tests/unit/test_serve.py::test_cli_refuses_mega_moe_before_touching_the_checkpoint",
-            "tests/crosscheck/test_serve_vllm.py::test_mega_moe_experts_take_mxfp4_scales_and_reject_nvfp4_ones_as_in_s6",
+            "tests/serve/test_serve.py::test_deep_gemm_mega_moe_is_refused_with_the_s6_reason",
+            "tests/serve/test_serve.py::test_cli_refuses_mega_moe_before_touching_the_checkpoint",
+            "tests/serve/test_serve_vllm.py::test_mega_moe_experts_take_mxfp4_scales_and_reject_nvfp4_ones_as_in_s6",
         ),
         "unit, vllm",
         f"{LAPTOP}; `dsv4 serve` refuses the flag before it starts vLLM",
@@ -234,7 +234,7 @@ CATALOGUE: tuple[Failure, ...] = (
         "KeyError compressor.position_bias; the seeds then skipped unknown keys, dropping ape",
         (
             _SR + "test_s10_position_bias_is_kept_as_ape",
-            "tests/crosscheck/test_mapping_vllm.py::test_vllm_refuses_the_names_the_table_renames",
+            "tests/mapping/test_mapping_vllm.py::test_vllm_refuses_the_names_the_table_renames",
         ),
         "unit, vllm",
         LAPTOP,
@@ -251,7 +251,7 @@ CATALOGUE: tuple[Failure, ...] = (
         ".mla_attn. prefix and head.weight -> lm_head.weight renamed twice",
         (
             _SR + "test_s12_no_mla_attn_prefix_and_one_head",
-            "tests/crosscheck/test_mapping_vllm.py::test_vllm_mapper_on_our_target_keys",
+            "tests/mapping/test_mapping_vllm.py::test_vllm_mapper_on_our_target_keys",
         ),
         "unit, vllm",
         LAPTOP,
@@ -275,7 +275,7 @@ CATALOGUE: tuple[Failure, ...] = (
         "E2M1 LUT indexed with the sign bit (CUDA assert); sign handling untested",
         (
             _SR + "test_s14_negative_codes_survive_the_nvfp4_to_fp8_requant",
-            "tests/unit/test_e2m1_exhaustive.py",
+            "tests/formats/test_e2m1_exhaustive.py",
         ),
         "unit",
         LAPTOP,
@@ -355,8 +355,8 @@ CATALOGUE: tuple[Failure, ...] = (
         "w1/w3 weight_scale_2",
         "vLLM warned w1_weight_scale_2 must match w3_weight_scale_2 and kept w1's for the fused w13",
         (
-            "tests/unit/test_convert.py::test_w1_w3_global_scales_are_unified_and_the_error_is_measured",
-            "tests/unit/test_convert.py::test_hf_ptq_mtp_block_is_quantized_without_the_release",
+            "tests/convert/test_convert.py::test_w1_w3_global_scales_are_unified_and_the_error_is_measured",
+            "tests/convert/test_convert.py::test_hf_ptq_mtp_block_is_quantized_without_the_release",
             _Q + "test_w1_and_w3_share_their_global_scale",
         ),
         "unit, tiny",
@@ -371,12 +371,12 @@ CATALOGUE: tuple[Failure, ...] = (
     ),
 )
 
-_OS = "tests/full/test_output_safety.py::"
-_HR = "tests/unit/test_hostile_reading.py::"
-_HI = "tests/full/test_hostile_inputs.py::"
-_SIG = "tests/full/test_signals.py::"
-_HC = "tests/full/test_hostile_concurrent.py::"
-_HQ = "tests/tiny/test_hostile_quantize.py::"
+_OS = "tests/checkpoint/test_output_safety.py::"
+_HR = "tests/checkpoint/test_hostile_reading.py::"
+_HI = "tests/cli/test_hostile_inputs.py::"
+_SIG = "tests/cli/test_signals.py::"
+_HC = "tests/cli/test_hostile_concurrent.py::"
+_HQ = "tests/quantize/test_hostile_quantize.py::"
 LAPTOP_SLOW = "on a laptop, `tox -e unit` (slow tier), in minutes, before anything is rented"
 
 # What the project's own reviews found (issues 13 and 17): the bug -> the tests that fail when it is
@@ -457,8 +457,8 @@ FINDINGS: tuple[Failure, ...] = (
         "Ctrl-C printed a KeyboardInterrupt traceback instead of what is on disk and --resume",
         (
             _OS + "test_ctrl_c_says_what_is_kept_and_resume_finishes",
-            "tests/full/test_interrupt_resume.py::test_dequant_sigint_then_resume_is_byte_identical",
-            "tests/full/test_interrupt_resume.py::test_convert_sigint_then_resume_is_byte_identical",
+            "tests/cli/test_interrupt_resume.py::test_dequant_sigint_then_resume_is_byte_identical",
+            "tests/cli/test_interrupt_resume.py::test_convert_sigint_then_resume_is_byte_identical",
         ),
         "slow",
         LAPTOP_SLOW,
@@ -529,8 +529,8 @@ FINDINGS: tuple[Failure, ...] = (
         "#13 transcode report",
         "the below-window report broadcast to [n, n, 32]: wrong error, quadratic memory (OOM on the node)",
         (
-            "tests/unit/test_transcode_report.py::test_relative_and_max_error_match_an_independent_decode",
-            "tests/full/test_transcode_report_memory.py::test_report_memory_is_linear_in_the_blocks_below_the_window",
+            "tests/formats/test_transcode_report.py::test_relative_and_max_error_match_an_independent_decode",
+            "tests/formats/test_transcode_report_memory.py::test_report_memory_is_linear_in_the_blocks_below_the_window",
         ),
         "unit, slow",
         LAPTOP,
@@ -545,14 +545,16 @@ FINDINGS: tuple[Failure, ...] = (
     Failure(
         "#13 MTP global scale",
         "the MTP BF16->NVFP4 global-scale test had equal amax, so min instead of max passed",
-        ("tests/unit/test_convert.py::test_hf_ptq_mtp_block_is_quantized_without_the_release",),
+        ("tests/convert/test_convert.py::test_hf_ptq_mtp_block_is_quantized_without_the_release",),
         "unit",
         LAPTOP,
     ),
     Failure(
         "#13 CI skips",
         "without ../shared the unit tier skipped the only check of release_layout against the real table",
-        ("tests/unit/test_release_layout.py::test_without_the_reference_ci_fails_where_a_fresh_clone_skips",),
+        (
+            "tests/checkpoint/test_release_layout.py::test_without_the_reference_ci_fails_where_a_fresh_clone_skips",
+        ),
         "unit",
         LAPTOP,
     ),
@@ -592,7 +594,7 @@ FINDINGS: tuple[Failure, ...] = (
         (
             _SIG + "test_a_killed_step_leaves_no_process_behind",
             _SIG + "test_kill_tree_takes_descendants_started_after_the_snapshot",
-            "tests/full/test_serve_run.py::test_an_interrupted_serve_step_stops_its_server",
+            "tests/serve/test_serve_run.py::test_an_interrupted_serve_step_stops_its_server",
         ),
         "slow",
         LAPTOP_SLOW,
@@ -651,7 +653,7 @@ def markdown() -> str:
         "[Terms](../README.md#terms); and the other failures of their bug lists) → the tests that catch it",
         "→ the tier that runs them → when they fire. Generated from `harness/failures.py`; the list of failures",
         "is `fixtures/seed_failures.json`, extracted from the notes by `harness.failures.EXTRACTION_RULES`",
-        "(each entry quotes the line that records it). `tests/unit/test_failures.py` re-extracts it from",
+        "(each entry quotes the line that records it). `tests/harness/test_failures.py` re-extracts it from",
         "`../shared/seeds` when present, and checks that every failure has a row, every row names tests,",
         "every named test exists, and that this file equals the table. Regenerate:",
         "",

@@ -1,4 +1,4 @@
-"""The checks of the node's preflight (`pytest -m b200`, tests/b200/) as plain functions.
+"""The checks of the node's preflight (`pytest -m b200`, tests/preflight/test_node_preflight.py) as plain functions.
 
 Each check takes plain data (a list of GPUs, bytes free, versions, paths) and returns the problems it
 found, each a sentence that says what is wrong and what to do; an empty list means it passed. The b200

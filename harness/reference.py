@@ -89,7 +89,7 @@ def unscaled_weights(keys: dict[str, str]) -> list[str]:
     """FP8 / int8-packed ``.weight`` keys without a ``.scale`` sibling.
 
     transformers 5.23 loads such a weight *silently* and unscaled: its ``Fp8Dequantize`` returns a
-    weight without a scale untouched and reports no missing key (tests/tiny checks this)."""
+    weight without a scale untouched and reports no missing key (tests/e2e/test_reference.py checks this)."""
     return sorted(
         k
         for k, dt in keys.items()

@@ -28,7 +28,7 @@ module's quant method (with its FP8 kernel or NVFP4 MoE backend) and saves the l
 
 What that verifies: loading and method selection in the node's vLLM version. What it does not: no
 kernel runs (no GEMM, no attention, no MoE), and nothing after loading (weight conversion for the
-kernels, KV cache, CUDA graphs). The ``vllm-node`` tox env runs tests/vllm_node/ with it.
+kernels, KV cache, CUDA graphs). The ``vllm-node`` tox env runs the tests marked vllm_node with it.
 
 The worker runs in a subprocess (:func:`run_worker`): the stand-in driver has to be on
 ``LD_LIBRARY_PATH`` when the process starts, and each platform needs a fresh vLLM.

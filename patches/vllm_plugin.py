@@ -12,7 +12,7 @@ patched after vLLM had bound it as a class attribute did nothing).
 Opt-in, never active by surprise: vLLM builds our class only for a checkpoint whose config.json
 ``architectures`` names :data:`ARCHITECTURE`, which ``dsv4 use-plugin CKPT`` writes (and ``--off``
 takes back). Every other checkpoint, DeepSeek V4 included, loads exactly as without the plugin: the
-registry's other entries are untouched (tests/crosscheck/test_vllm_plugin.py compares them).
+registry's other entries are untouched (tests/plugin/test_vllm_plugin.py compares them).
 
 The class (``patches/vllm_export_model.py``, registered by name so that importing it — and vLLM's
 model code, which may initialise CUDA — waits until a process actually builds the model) subclasses

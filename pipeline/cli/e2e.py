@@ -92,6 +92,6 @@ def serve_note(ckpt: Path, config: dict) -> str:
         )
     lines.append(
         "they are for checking what vLLM loads: `dsv4 validate` here; the vllm tiers load checkpoints converted "
-        "the same way with vLLM's own loader (tests/crosscheck, tests/vllm_node)"
+        "the same way with vLLM's own loader (tests/convert/test_node_vllm_loads.py, tests/plugin)"
     )
     return "\n".join(lines)

@@ -4,7 +4,7 @@ A loader (the vLLM plugin, ``patches/vllm_plugin.py``) reads an export tensor by
 by tensor, what ``dsv4 convert`` would have written: the release's names (dialect N), FP8 block
 attention with UE8M0 ``.scale`` tiles, plain tensors in the release's dtypes, routed experts as
 ModelOpt NVFP4. :class:`StreamConverter` gives exactly that, byte for byte (checked against
-``convert_checkpoint`` by tests/crosscheck/test_vllm_plugin.py), because it decides nothing itself:
+``convert_checkpoint`` by tests/plugin/test_vllm_plugin.py), because it decides nothing itself:
 
 * every name goes through :func:`pipeline.mapping.map_key`, the one table (rename rule + action);
 * every action runs through :data:`pipeline.convert.runners.RUNNERS` with a :class:`pipeline.convert.jobs.Job`

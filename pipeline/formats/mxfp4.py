@@ -45,7 +45,7 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     all-zero block gets 2^-127 (byte 0). Elements: E2M1 round half to even of x / s.
 
     ModelOpt 0.47's ``MXFP4QTensor.quantize`` picks the same scales but rounds ties down and encodes 0
-    as -0; its dequantized values differ from these only on exact ties (tests/crosscheck).
+    as -0; its dequantized values differ from these only on exact ties (tests/formats/test_modelopt_qtensors.py).
     """
     require_dtype(w, FLOAT_DTYPES, "mxfp4_quantize(w)")
     require_min_ndim(w, 1, "mxfp4_quantize(w)")

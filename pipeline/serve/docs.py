@@ -18,7 +18,7 @@ def _cell(text: str) -> str:
 
 def tables_markdown() -> str:
     """The tables `dsv4 serve` runs on, as markdown; docs/serve.md holds them between its generated markers
-    (tests/unit/test_serve.py fails when they differ)."""
+    (tests/serve/test_serve.py fails when they differ)."""
     example = ServeSettings(ckpt=Path("/data/v4-nvfp4-vllm"), tensor_parallel_size=NODE_GPUS, mtp_tokens=1)
     lines = [
         "### Flags",
