@@ -446,7 +446,7 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 # ---- two runs into one output folder (class 3) ----------------------------------------------------------
 
-LOCK = ".dsv4.lock"  # pipeline.checkpoint.writer.LOCK_NAME, spelled here independently
+LOCK = ".dsv4.lock"  # pipeline.checkpoint.lock.LOCK_NAME, spelled here independently
 SECOND_RUN_S = 60.0  # (a real quantize takes ~20 s on a loaded 2-core machine) a second run still going after this is waiting for the lock instead of refusing it
 
 

@@ -1,14 +1,18 @@
 """Sharded safetensors checkpoints: header-only reading, planned crash-safe writing, validation,
 layout classification and summaries.
 
-reader    Checkpoint.open(path), read_header, read_index, read_tensor, locate
-writer    PlannedTensor, ShardPlan, OutputPlan, plan_shards, write_checkpoint, copy_file_atomic,
-          producer_pool (a producer's thread pool that does not hold up Ctrl-C)
-validate  validate_checkpoint -> ValidationReport (all problems), ensure_valid
-layout    Layout, classify_layout, require_layout, role_of, ROLES
-inspect   summarize, format_summary
-dtypes    the one safetensors <-> torch dtype table
-folder    files_to_copy (a folder's non-tensor files), free_disk
+reader       Checkpoint.open(path), read_header, read_index, read_tensor, locate
+writer       write_checkpoint -> WriteResult (crash-safe, resumable), on the modules below it:
+output_plan  PlannedTensor, ShardPlan, OutputPlan, plan_shards
+producer     per_tensor, producer_pool (a producer's thread pool that does not hold up Ctrl-C)
+atomic       write_bytes_atomic, write_json_atomic, copy_file_atomic (temp + fsync + rename)
+lock         LOCK_NAME, one run per output folder
+journal      JOURNAL_NAME, the input fingerprints, what --resume keeps and --overwrite may remove
+validate     validate_checkpoint -> ValidationReport (all problems), ensure_valid
+layout       Layout, classify_layout, require_layout, role_of, ROLES
+inspect      summarize, format_summary
+dtypes       the one safetensors <-> torch dtype table
+folder       files_to_copy (a folder's non-tensor files), free_disk
 """
 
 from __future__ import annotations
@@ -22,30 +26,30 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Checkpoint": ("reader", "Checkpoint"),
     "DTYPES": ("dtypes", "BY_NAME"),
     "INDEX_NAME": ("reader", "INDEX_NAME"),
-    "JOURNAL_NAME": ("writer", "JOURNAL_NAME"),
-    "LOCK_NAME": ("writer", "LOCK_NAME"),
+    "JOURNAL_NAME": ("journal", "JOURNAL_NAME"),
+    "LOCK_NAME": ("lock", "LOCK_NAME"),
     "Layout": ("layout", "Layout"),
     "LayoutInfo": ("layout", "LayoutInfo"),
-    "OutputPlan": ("writer", "OutputPlan"),
-    "PlannedTensor": ("writer", "PlannedTensor"),
+    "OutputPlan": ("output_plan", "OutputPlan"),
+    "PlannedTensor": ("output_plan", "PlannedTensor"),
     "Problem": ("validate", "Problem"),
     "ROLES": ("layout", "ROLES"),
     "ShardHeader": ("reader", "ShardHeader"),
-    "ShardPlan": ("writer", "ShardPlan"),
+    "ShardPlan": ("output_plan", "ShardPlan"),
     "TensorInfo": ("reader", "TensorInfo"),
     "ValidationReport": ("validate", "ValidationReport"),
     "WriteResult": ("writer", "WriteResult"),
     "classify_layout": ("layout", "classify_layout"),
-    "copy_file_atomic": ("writer", "copy_file_atomic"),
+    "copy_file_atomic": ("atomic", "copy_file_atomic"),
     "ensure_valid": ("validate", "ensure_valid"),
     "files_to_copy": ("folder", "files_to_copy"),
     "format_summary": ("inspect", "format_summary"),
     "free_disk": ("folder", "free_disk"),
     "from_torch": ("dtypes", "from_torch"),
     "locate": ("reader", "locate"),
-    "per_tensor": ("writer", "per_tensor"),
-    "plan_shards": ("writer", "plan_shards"),
-    "producer_pool": ("writer", "producer_pool"),
+    "per_tensor": ("producer", "per_tensor"),
+    "plan_shards": ("output_plan", "plan_shards"),
+    "producer_pool": ("producer", "producer_pool"),
     "read_config": ("reader", "read_config"),
     "read_header": ("reader", "read_header"),
     "read_index": ("reader", "read_index"),
@@ -55,9 +59,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "summarize": ("inspect", "summarize"),
     "to_torch": ("dtypes", "to_torch"),
     "validate_checkpoint": ("validate", "validate_checkpoint"),
-    "write_bytes_atomic": ("writer", "write_bytes_atomic"),
+    "write_bytes_atomic": ("atomic", "write_bytes_atomic"),
     "write_checkpoint": ("writer", "write_checkpoint"),
-    "write_json_atomic": ("writer", "write_json_atomic"),
+    "write_json_atomic": ("atomic", "write_json_atomic"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -188,7 +188,7 @@ def _check_unfinished_run(report: ValidationReport, root: Path) -> None:
     """A folder a dsv4 run is writing, or was writing when it was killed: its journal is not marked
     complete. Its shards may look like a checkpoint (a folder without an index is read as its
     *.safetensors), so say what it is instead of calling part of an output valid."""
-    from .writer import JOURNAL_NAME
+    from .journal import JOURNAL_NAME
 
     path = root / JOURNAL_NAME
     if not path.is_file():

@@ -15,191 +15,61 @@ that is incomplete. ``resume=True`` re-hashes the shards the journal lists (a di
 cheaper than producing them again), keeps those that match and redoes the rest; the header bytes come
 from the plan alone, so a resumed run's bytes equal an uninterrupted run's.
 
-Output safety:
+Output safety: one run per output folder (:mod:`.lock`); the journal lists every file the run writes
+and fingerprints the inputs, so that ``overwrite=True`` removes only what dsv4 wrote and ``resume=True``
+keeps no shard made from inputs that changed since (:mod:`.journal`); Ctrl-C removes the partial shard
+and raises :class:`pipeline.errors.Interrupted` saying how many shards are kept; an OSError while
+writing becomes one :class:`DsV4Error` naming the path, what failed and what to do, and a failing
+cleanup never hides it (:mod:`.atomic`).
 
-* one run per output folder: an exclusive ``flock`` on ``.dsv4.lock`` is held from before the journal is
-  read to the end; a second run is refused, naming the holder;
-* the journal lists every file the run writes, before writing the first: ``overwrite=True`` removes only
-  those (a folder holding anything else is refused whole, so a slip never deletes a release);
-* the journal fingerprints the input files (size, mtime, ctime, header hash): ``resume=True`` refuses
-  to keep shards made from inputs that changed since, and the index is not written if they changed
-  while being read;
-* Ctrl-C removes the partial shard and raises :class:`pipeline.errors.Interrupted` saying how many shards
-  are kept; an OSError while writing becomes one :class:`DsV4Error` naming the path, what failed and
-  what to do, and a failing cleanup never hides it.
+This module is the top of that small stack: output_plan, producer, atomic (small files via temp +
+rename), lock, journal; it re-exports the names callers import from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
-import json
-import math
 import os
 import queue
-import shlex
 import shutil
-import socket
-import stat
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import DsV4Error, Interrupted
+from pipeline.errors import DsV4Error
 
-from . import dtypes
+from . import atomic, dtypes
+from .atomic import (
+    PARTIAL_SUFFIX,
+    _discard,
+    _fsync_dir,
+    _io_error,
+    copy_file_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from .journal import (
+    JOURNAL_FORMAT,
+    JOURNAL_NAME,
+    _check_inputs_still,
+    _check_inputs_unchanged,
+    _interrupted,
+    _load_journal,
+    _refuse_foreign,
+    _shown,
+    fingerprint_inputs,
+)
+from .lock import LOCK_NAME, _OutputLock
+from .lock import output_lock as output_lock
+from .output_plan import GIB, OutputPlan, PlannedTensor, ShardPlan
+from .output_plan import plan_shards as plan_shards
+from .producer import Producer
+from .producer import per_tensor as per_tensor
+from .producer import producer_pool as producer_pool
 from .reader import INDEX_NAME
-
-JOURNAL_NAME = ".dsv4-progress.json"
-JOURNAL_FORMAT = 2  # 2: lists the files the run writes and fingerprints its inputs
-LOCK_NAME = ".dsv4.lock"
-ORIG_SUFFIX = ".orig"  # dsv4 fix-config / use-plugin back a file up as NAME.orig beside it
-PARTIAL_SUFFIX = ".partial"
-DEFAULT_METADATA = {"format": "pt"}
-DEFAULT_SHARD_TEMPLATE = "model-{index:05d}-of-{count:05d}.safetensors"
-GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    key: str
-    dtype: str  # safetensors string, e.g. "U8"
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        dtypes.lookup(self.dtype, where=f"planned key {self.key}")
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    name: str
-    tensors: tuple[PlannedTensor, ...]
-    metadata: dict[str, str] | None = field(default_factory=lambda: dict(DEFAULT_METADATA))
-
-    @cached_property
-    def header_bytes(self) -> bytes:
-        """8-byte length + JSON header, padded with spaces to a multiple of 8 (as safetensors does).
-
-        Deterministic: entries in plan order, compact separators, so the same plan gives the same bytes.
-        """
-        header: dict = {}
-        if self.metadata is not None:
-            header["__metadata__"] = dict(self.metadata)
-        pos = 0
-        for t in self.tensors:
-            header[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
-            pos += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        return len(raw).to_bytes(8, "little") + raw
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def file_size(self) -> int:
-        return len(self.header_bytes) + self.data_bytes
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    shards: tuple[ShardPlan, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shards", tuple(self.shards))
-        names: set[str] = set()
-        seen: dict[str, str] = {}
-        for sh in self.shards:
-            if sh.name in names or "/" in sh.name or sh.name.startswith(".") or sh.name == INDEX_NAME:
-                raise DsV4Error(f"plan: bad or repeated shard name {sh.name!r}")
-            names.add(sh.name)
-            for t in sh.tensors:
-                if t.key in seen:
-                    raise DsV4Error(f"plan: key {t.key} planned in both {seen[t.key]} and {sh.name}")
-                seen[t.key] = sh.name
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of all shard files (headers included)."""
-        return sum(sh.file_size for sh in self.shards)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(sh.data_bytes for sh in self.shards)
-
-    @property
-    def weight_map(self) -> dict[str, str]:
-        return {t.key: sh.name for sh in self.shards for t in sh.tensors}
-
-    @cached_property
-    def index_bytes(self) -> bytes:
-        wm = dict(sorted(self.weight_map.items()))
-        return (
-            json.dumps({"metadata": {"total_size": self.tensor_bytes}, "weight_map": wm}, indent=2) + "\n"
-        ).encode()
-
-    @cached_property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for sh in self.shards:
-            h.update(sh.name.encode() + b"\0" + sh.header_bytes)
-        return h.hexdigest()
-
-
-def plan_shards(
-    tensors: Iterable[PlannedTensor],
-    *,
-    max_shard_bytes: int = 5 * GIB,
-    name_template: str = DEFAULT_SHARD_TEMPLATE,
-    metadata: dict[str, str] | None = None,
-) -> OutputPlan:
-    """Split tensors, in the given order, into shards of at most ``max_shard_bytes`` of data each
-    (a single larger tensor gets a shard of its own). Names follow ``name_template`` (index from 1)."""
-    groups: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    groups = [g for g in groups if g] or [[]]
-    md = dict(DEFAULT_METADATA) if metadata is None else metadata
-    n = len(groups)
-    return OutputPlan(
-        tuple(
-            ShardPlan(name_template.format(index=i + 1, count=n), tuple(g), md) for i, g in enumerate(groups)
-        )
-    )
-
-
-# A producer gets one ShardPlan and yields (key, tensor) for its tensors, in plan order.
-Producer = Callable[[ShardPlan], Iterable[tuple[str, torch.Tensor]]]
-
-
-def per_tensor(fn: Callable[[PlannedTensor], torch.Tensor]) -> Producer:
-    """A Producer from a function that makes one planned tensor at a time."""
-
-    def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        for t in shard.tensors:
-            yield t.key, fn(t)
-
-    return produce
 
 
 @dataclass
@@ -208,102 +78,6 @@ class WriteResult:
     written: list[str]
     skipped: list[str]  # finished shards kept on resume
     total_bytes: int
-
-
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    """Write every byte of ``data`` to ``fd``. The one place the writer writes shard bytes (tests
-    patch it to simulate a full disk)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# errno -> (what went wrong, what to do). Anything else: its strerror, and "fix the cause, --resume".
-_OS_ERRORS: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("no space left on device", "free space (or choose a DST with room)"),
-    errno.EDQUOT: ("disk quota exceeded", "free space (or choose a DST with room)"),
-    errno.EROFS: ("the file system is read-only", "choose a DST on a writable file system"),
-    errno.EACCES: ("permission denied", "choose a DST you can write to"),
-    errno.EPERM: ("operation not permitted", "choose a DST you can write to"),
-}
-
-
-def _discard(path: Path) -> OSError | None:
-    """Remove a temporary file; a failure is returned, not raised, so that it never hides the error
-    that made the cleanup necessary."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as err:
-        return err
-    return None
-
-
-def _io_error(
-    path: Path, err: OSError, key: str | None = None, doing: str = "writing", partial: Path | None = None
-) -> DsV4Error:
-    """One line for an OSError of the writer: the path (and key), what failed, why, and what to do."""
-    where = f"{path}: key {key}" if key else str(path)
-    reason, todo = _OS_ERRORS.get(err.errno or 0, (err.strerror or str(err), "fix the cause"))
-    cleanup = ""
-    if partial is not None:
-        failed = _discard(partial)
-        cleanup = (
-            "; the partial file was removed"
-            if failed is None
-            else f"; the partial file {partial.name} could not be removed either ({failed.strerror})"
-        )
-    return DsV4Error(
-        f"{where}: {reason} while {doing}{cleanup}; {todo} and rerun (--resume keeps finished shards)"
-    )
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a small file under a temporary name in its directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        raise _io_error(path, err, partial=tmp) from err
-
-
-def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def copy_file_atomic(src: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None) -> Path:
-    """Copy a non-tensor file (config.json, tokenizer files, ...) into ``out_dir`` via temp + rename."""
-    src = Path(src)
-    dst = Path(out_dir) / (name or src.name)
-    tmp = dst.with_name(f".{dst.name}{PARTIAL_SUFFIX}")
-    try:
-        with src.open("rb") as fi, tmp.open("wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    except OSError as err:
-        reading = err.filename == str(src)
-        where, doing = (src, "reading") if reading else (dst, "writing")
-        raise _io_error(where, err, doing=doing, partial=tmp) from err
-    return dst
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -316,268 +90,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _shown(names: list[str], limit: int = 4) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-# ---- one run per output folder -------------------------------------------------------------------
-
-
-class _OutputLock:
-    """An exclusive ``flock`` on ``DST/.dsv4.lock``, held from before the journal is read until the run
-    ends, so two runs never write one folder (a second ``--resume`` would race on the journal).
-
-    The file says who holds it (pid, host, command, start), for the second run's message. The lock is
-    the kernel's, so a killed holder releases it with its last descriptor; the stale file it leaves is
-    ours (``--resume``/``--overwrite`` accept it). At the end the file is unlinked while still locked;
-    a run that opened it just before then finds, after its own flock, that the name now points elsewhere
-    (or nowhere) and tries again, so two runs never hold locks on two different files.
-    """
-
-    def __init__(self, out: Path, path: Path | None = None, subject: Path | None = None) -> None:
-        # out: the folder the lock file lives in (created if missing); path: the lock file (default
-        # out/.dsv4.lock); subject: what the run writes, for the refusal (default out)
-        self.out = out
-        self.path = path or out / LOCK_NAME
-        self.subject = subject or out
-        self.created_dir = False
-        self.fd: int | None = None
-
-    def __enter__(self) -> _OutputLock:
-        if not self.out.exists():
-            try:
-                self.out.mkdir(parents=True)
-            except FileExistsError:
-                pass
-            except OSError as err:
-                raise _io_error(self.out, err, doing="creating the output directory") from err
-            else:
-                self.created_dir = True
-        for _ in range(10):
-            fd = self._open_locked()
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                self._describe_holder(fd)
-                return self
-            os.close(fd)  # unlinked by the previous holder between our open and our flock
-        raise DsV4Error(f"{self.path}: could not take the lock (the file keeps being replaced); rerun")
-
-    def _open_locked(self) -> int:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            self._remove_created_dir()
-            raise _io_error(self.path, err, doing="creating the lock file") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise DsV4Error(
-                f"{self.subject}: another dsv4 run is writing this folder ({holder}); wait for it to end "
-                "(or stop it), or choose another folder"
-            ) from None
-        return fd
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            info = json.loads(os.pread(fd, 1 << 16, 0))
-            return f"pid {info['pid']} on {info['host']}, since {info['started']}: {info['command']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "its holder did not say who it is"
-
-    @staticmethod
-    def _describe_holder(fd: int) -> None:
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?",
-        }
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        except OSError:
-            pass  # the lock holds without the note; the second run's message just cannot name us
-
-    def _remove_created_dir(self) -> None:
-        if self.created_dir:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()  # only if empty: a refused run leaves no trace
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is None:
-            return
-        _discard(self.path)
-        os.close(self.fd)
-        self.fd = None
-        self._remove_created_dir()
-
-
-def output_lock(out: Path, path: Path | None = None, subject: Path | None = None) -> _OutputLock:
-    """The one-run-per-output lock, for a step that writes its output another way than
-    :func:`write_checkpoint` (``dsv4 quantize``: ModelOpt writes a sibling ``.DST.partial``)."""
-    return _OutputLock(out, path, subject)
-
-
-# ---- what the output was made from ---------------------------------------------------------------
-
-
-def _header_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        return hashlib.sha256(head + f.read(min(n, 1 << 28))).hexdigest()
-
-
-def fingerprint_inputs(inputs: Iterable[Path]) -> list[dict]:
-    """size, mtime, ctime (and, for a shard, the sha256 of its header) of every file in the input dirs.
-
-    Why not a content hash: proving the kept shards' input bytes would mean reading all of them again
-    on --resume, as long as the run itself for a disk-bound step. What this catches: any write through
-    the file system (it moves mtime and ctime), a restored mtime (os.utime cannot set ctime back), a
-    copied-over or replaced file (new ctime, often new size), and any change to a header (keys, dtypes,
-    shapes, offsets). What it cannot: bytes changed under the file system (bit rot, a raw block device
-    write), which no stat sees. Hidden files (our journal and lock, when the input is itself a dsv4
-    output) are not read by the steps and are left out.
-    """
-    prints = []
-    for root in inputs:
-        files = [root] if root.is_file() else sorted(p for p in root.iterdir() if not p.name.startswith("."))
-        for path in files:
-            try:
-                st = path.stat()
-            except OSError:
-                continue  # a dangling link: no step reads it
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            rec = {
-                "path": str(path),
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
-                "ctime_ns": st.st_ctime_ns,
-            }
-            if path.name.endswith(".safetensors"):
-                rec["header_sha256"] = _header_sha256(path)
-            prints.append(rec)
-    return prints
-
-
-_FIELD_NAMES = {"size": "size", "mtime_ns": "mtime", "ctime_ns": "ctime", "header_sha256": "header"}
-
-
-def _input_changes(before: list[dict], now: list[dict]) -> list[str]:
-    """'PATH (what changed)' for each input file that differs between two fingerprints."""
-    old = {r["path"]: r for r in before}
-    new = {r["path"]: r for r in now}
-    changes = []
-    for path in sorted(old.keys() | new.keys()):
-        a, b = old.get(path), new.get(path)
-        if a is None or b is None:
-            changes.append(f"{path} ({'is new' if a is None else 'is gone'})")
-        elif diff := [name for f, name in _FIELD_NAMES.items() if a.get(f) != b.get(f)]:
-            changes.append(f"{path} ({', '.join(diff)})")
-    return changes
-
-
-def _check_inputs_unchanged(journal_path: Path, journal: dict, now: list[dict]) -> None:
-    """--resume keeps shards only if every input file is as it was when the run that wrote them began."""
-    if not journal.get("finished"):
-        return  # nothing kept, nothing to mix: the run starts over from these inputs
-    if "inputs" not in journal:
-        raise DsV4Error(
-            f"{journal_path}: written by an older dsv4 that did not record its inputs, so the kept shards "
-            "cannot be proven to come from these bytes; rerun with --overwrite"
-        )
-    changes = _input_changes(journal["inputs"], now)
-    if changes:
-        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-        raise DsV4Error(
-            f"{changes[0]}{more}: changed since the interrupted run began; the shards on disk came from "
-            "other bytes: rerun with --overwrite"
-        )
-
-
-def _check_inputs_still(out: Path, before: list[dict], inputs: list[Path]) -> None:
-    """Before the index makes the output look complete: the inputs did not change while being read."""
-    changes = _input_changes(before, fingerprint_inputs(inputs))
-    if changes:
-        raise DsV4Error(
-            f"{changes[0]}: changed while this run was reading it; the shards in {out} may mix two inputs "
-            "and no index was written: rerun with --overwrite once the input is settled"
-        )
-
-
-# ---- the journal, and what --overwrite may remove -------------------------------------------------
-
-
-def _load_journal(out: Path) -> dict | None:
-    path = out / JOURNAL_NAME
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("finished"), dict):
-            raise ValueError("no 'finished' object")
-        return data
-    except (OSError, ValueError) as err:
-        raise DsV4Error(f"{path}: unreadable progress journal ({err}); rerun with --overwrite") from None
-
-
-def _ours(journal: dict | None, plan: OutputPlan, extras: list[Path]) -> set[str]:
-    """Names in the folder a dsv4 run put there: what the journal lists it wrote (an older journal lists
-    only finished shards: then what this plan writes, too), the index and journal, fix-config's and
-    use-plugin's ``.orig`` backups of those, and the temporary ``.NAME.partial`` of each."""
-    if journal is None:
-        return set()
-    names = {INDEX_NAME, JOURNAL_NAME, *journal["finished"]}
-    names |= set(journal.get("files") or [*(sh.name for sh in plan.shards), *(e.name for e in extras)])
-    names |= {n + ORIG_SUFFIX for n in names}
-    return names | {f".{n}{PARTIAL_SUFFIX}" for n in names}
-
-
-def _refuse_foreign(out: Path, entries: list[Path], plan: OutputPlan, extras: list[Path]) -> None:
-    """--overwrite removes only what a dsv4 run wrote; a folder with anything else is refused whole,
-    before anything is removed (a slip such as `convert EXPORT RELEASE --overwrite` costs nothing)."""
-    try:
-        journal = _load_journal(out)
-    except DsV4Error:
-        journal = None  # unreadable: nothing proves which files are ours
-    ours = _ours(journal, plan, extras)
-    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in ours or p.is_dir()]
-    if journal is None and foreign:
-        raise DsV4Error(
-            f"{out}: refusing --overwrite: this folder was not written by dsv4 (it holds {_shown(foreign)}); "
-            "choose an empty or new folder"
-        )
-    if foreign:
-        raise DsV4Error(
-            f"{out}: refusing --overwrite: it holds files dsv4 did not write ({_shown(foreign)}: its "
-            f"{JOURNAL_NAME} does not list them); move them away or choose an empty or new folder"
-        )
-
-
-def _interrupted(out: Path, plan: OutputPlan) -> Interrupted:
-    """The Ctrl-C message, from what is on disk: the journal's finished shards that exist."""
-    try:
-        journal = _load_journal(out) or {"finished": {}}
-    except DsV4Error:
-        journal = {"finished": {}}
-    kept = [sh for sh in plan.shards if sh.name in journal["finished"] and (out / sh.name).is_file()]
-    if journal.get("complete") and len(kept) == len(plan.shards):
-        return Interrupted(f"{out} was already complete; nothing is left to do")
-    return Interrupted(
-        f"{len(kept)} of {len(plan.shards)} shards of {out} are finished and kept; rerun the same command "
-        "with --resume to continue"
-    )
 
 
 def write_checkpoint(
@@ -732,20 +244,6 @@ def _write_locked(
     return WriteResult(out, written, sorted(finished), plan.total_bytes)
 
 
-@contextlib.contextmanager
-def producer_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
-    """The thread pool a producer converts ahead in. Leaving it normally waits for the work; leaving it
-    on an error, Ctrl-C or the writer closing the producer cancels the queued work and does not wait for
-    the running jobs, so an interrupt is not held up by tensors nobody will write."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -794,7 +292,7 @@ def _write_shard(sh: ShardPlan, out: Path, produce: Producer) -> tuple[int, str]
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, sh.header_bytes)
+            atomic._write_all(fd, sh.header_bytes)
             h.update(sh.header_bytes)
             size += len(sh.header_bytes)
             for pt in sh.tensors:
@@ -809,7 +307,7 @@ def _write_shard(sh: ShardPlan, out: Path, produce: Producer) -> tuple[int, str]
                     ) from None
                 _check_produced(final, pt, got_key, t)
                 data = _tensor_bytes(t)
-                _write_all(fd, data)
+                atomic._write_all(fd, data)
                 h.update(data)
                 size += len(data)
             key = None

@@ -176,5 +176,5 @@ def run_rules(
 
 
 def dumps(obj: object) -> str:
-    """The bytes fix-config writes (as pipeline.checkpoint.writer.write_json_atomic does)."""
+    """The bytes fix-config writes (as pipeline.checkpoint.atomic.write_json_atomic does)."""
     return json.dumps(obj, indent=2) + "\n"

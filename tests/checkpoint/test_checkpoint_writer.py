@@ -22,6 +22,7 @@ from pipeline.checkpoint import (
     OutputPlan,
     PlannedTensor,
     ShardPlan,
+    atomic,
     copy_file_atomic,
     dtypes,
     per_tensor,
@@ -29,7 +30,6 @@ from pipeline.checkpoint import (
     read_header,
     write_checkpoint,
 )
-from pipeline.checkpoint import writer as writer_mod
 from pipeline.errors import DsV4Error
 
 pytestmark = pytest.mark.unit
@@ -155,7 +155,7 @@ def test_producer_error_leaves_nothing_complete_looking(tmp_path):
 
 def test_full_disk_gives_a_clear_error_and_no_complete_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = writer_mod._write_all
+    real = atomic._write_all
     calls = {"n": 0}
 
     def write_until_full(fd, data):
@@ -164,7 +164,7 @@ def test_full_disk_gives_a_clear_error_and_no_complete_output(tmp_path, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(writer_mod, "_write_all", write_until_full)
+    monkeypatch.setattr(atomic, "_write_all", write_until_full)
     with pytest.raises(
         DsV4Error, match=r"model-00002-of-00003.safetensors: key s1\.t\d: no space left on device"
     ):

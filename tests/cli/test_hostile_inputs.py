@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import hostile as H
-from pipeline.checkpoint import writer
+from pipeline.checkpoint import atomic
 from pipeline.checkpoint.validate import validate_checkpoint
 
 pytestmark = pytest.mark.slow  # 157 cases, ~9 s on 2 cores: kept out of the -m unit loop
@@ -336,7 +336,7 @@ def test_overwrite_of_a_folder_no_dsv4_run_wrote_is_refused(name, dst, flag, cas
 
 def kill_after_first_shard(monkeypatch, out: Path) -> None:
     """The writer raises KeyboardInterrupt (Ctrl-C) as it starts a second shard: a killed run."""
-    real = writer._write_all
+    real = atomic._write_all
 
     def write(fd, data):
         target = os.readlink(f"/proc/self/fd/{fd}")
@@ -344,7 +344,7 @@ def kill_after_first_shard(monkeypatch, out: Path) -> None:
             raise KeyboardInterrupt
         return real(fd, data)
 
-    monkeypatch.setattr(writer, "_write_all", write)
+    monkeypatch.setattr(atomic, "_write_all", write)
 
 
 RESUME_CASES = {  # command -> a tensor it reads (changed between the killed run and --resume)
