@@ -10,7 +10,8 @@
 #                                 on the GPU machine, from the repo root: install .whl/ into a private
 #                                 site dir if present, run `pytest -m gpu` (hf_ptq end to end when .carry/
 #                                 has the checkout), then bench/formats.py, bench/dequant.py and
-#                                 bench/convert.py on CUDA and CPU; results go to OUT (default: $OUT or
+#                                 bench/convert.py (experts, full, transcode) on CUDA and CPU, each with
+#                                 cp and peak RSS beside it; results go to OUT (default: $OUT or
 #                                 gpu-tier-out); PARTS: tests formats dequant convert (default: all)
 #
 # Targets Python 3.12 (the wheels are cp312 where it matters). Nothing here is asserted on timings.
@@ -65,7 +66,7 @@ run() {
     python3 bench/dequant.py --device cpu 2>&1 | tee "$out/bench-dequant-cpu.txt"
   fi
   if [[ "$parts" == *" convert "* ]]; then
-    for recipe in full experts; do
+    for recipe in full experts transcode; do
       python3 bench/convert.py --recipe "$recipe" --device cuda 2>&1 | tee "$out/bench-convert-$recipe-cuda.txt"
       python3 bench/convert.py --recipe "$recipe" --device cpu 2>&1 | tee "$out/bench-convert-$recipe-cpu.txt"
     done
@@ -75,5 +76,5 @@ run() {
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac
