@@ -121,6 +121,15 @@ def _scaled(reference: Mapping, n_experts: int, heads: int, vocab: int) -> dict:
     return cfg
 
 
+def full_layer_config(reference: Mapping) -> dict:
+    """V4 Pro's config cut to one full-size decoder layer (compress ratio 4: attention with compressor and
+    indexer, all 384 routed experts, 128 heads, the whole vocabulary), no MTP block: the unit whose
+    calibration time and memory, times the layer count, is the one-GPU run's."""
+    return _scaled(
+        reference, reference["n_routed_experts"], reference["num_attention_heads"], reference["vocab_size"]
+    )
+
+
 def bench_config(reference: Mapping, gib: float) -> dict:
     """V4 Pro's config, one layer, sized to about ``gib`` GiB of release bytes with V4 Pro's mix."""
     want = shares(release_mix(reference))
