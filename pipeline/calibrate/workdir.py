@@ -161,7 +161,8 @@ class WorkDir:
         if next_hidden is not None:
             tensors = {f"batch.{j:05d}": h.detach().to("cpu").contiguous() for j, h in enumerate(next_hidden)}
             write_bytes_atomic(self.path / _hidden_name(index + 1), save(tensors))
-        meta = {k: json.dumps(v, sort_keys=True) for k, v in sorted(metadata.items())}
+        # one metadata key: safetensors stores metadata in a hash map, several keys come out in any order
+        meta = {"dsv4_calibrate_layer": json.dumps(metadata, sort_keys=True)}
         ordered = {k: amax[k] for k in sorted(amax)}
         write_bytes_atomic(self.path / _layer_name(index), save(ordered, metadata=meta))
         (self.path / _hidden_name(index)).unlink(missing_ok=True)
@@ -185,7 +186,7 @@ class WorkDir:
 
         path = self.path / _layer_name(index)
         with safe_open(path, "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            meta = json.loads((f.metadata() or {}).get("dsv4_calibrate_layer", "{}"))
             return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 - safe_open has no iteration
 
     def merged(self, layers: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
