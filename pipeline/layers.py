@@ -82,6 +82,7 @@ LAYERS: tuple[Layer, ...] = (
             "pipeline.convert",
             "pipeline.transcode_scan",
             "pipeline.quantize",
+            "pipeline.calibrate",
             "pipeline.hf_ptq_driver",
             "pipeline.vllm_config.files",
             "pipeline.plugin_opt_in",
@@ -90,7 +91,7 @@ LAYERS: tuple[Layer, ...] = (
             "patches.vllm_export_model",
         ),
         "one job each, from inputs on disk to outputs on disk: a plan from the headers and the rules,"
-        " then the work (dequant, slice, convert, quantize, fix-config, use-plugin, serve)",
+        " then the work (dequant, slice, convert, quantize, calibrate, fix-config, use-plugin, serve)",
     ),
     Layer(
         "runs",

@@ -29,6 +29,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "pipeline.cli.inspect",
     "pipeline.cli.dequant",
     "pipeline.cli.quantize",
+    "pipeline.cli.calibrate",
     "pipeline.cli.convert",
     "pipeline.cli.fix_config",
     "pipeline.cli.slice",
