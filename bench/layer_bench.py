@@ -53,7 +53,7 @@ from stepbench import (
     write_shards,
 )
 
-from harness.byte_mix import GIB, full_layer_config, nbytes, release_specs
+from harness.byte_mix import GIB, bench_config, full_layer_config, nbytes, release_specs
 
 STEPS = ("calibrate", "convert", "transcode")
 DISK_GBPS = (1.0, 2.0, 4.0)  # node disk speeds the projection is printed for
@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="experts", choices=("experts", "full"))
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--shard-gib", type=float, default=4.0, help="largest shard of the built release")
+    parser.add_argument(
+        "--gib",
+        type=float,
+        default=None,
+        help="instead of the full-size layer, stepbench's one-layer checkpoint of about GIB GiB with V4 Pro's "
+        "byte mix (fewer experts and heads): a smoke test of this script on a small machine",
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the built release and outputs")
     args = parser.parse_args(argv)
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(chosen) - set(STEPS):
         parser.error(f"unknown step(s) {sorted(unknown)}; known: {', '.join(STEPS)}")
     reference = reference_config()
-    config = full_layer_config(reference)
+    config = full_layer_config(reference) if args.gib is None else bench_config(reference, args.gib)
     layer_bytes = sum(nbytes(d, s) for k, d, s in release_specs(config) if k.startswith("layers.0."))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv4-layer-"))
     work.mkdir(parents=True, exist_ok=True)
