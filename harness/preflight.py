@@ -7,9 +7,20 @@ fake devices, fake constraints and the full-scale sparse replica of the release.
 GPU, ModelOpt or vLLM: what a check must ask another interpreter (vLLM's version, lm-evaluation-harness)
 goes through a subprocess.
 
+The run has two paths, and the preflight checks the one it is told (``--path``):
+
+* ``one-gpu`` (leads; issue 16): `dsv4 calibrate RELEASE AMAX` one decoder layer at a time on one GPU,
+  then `dsv4 convert RELEASE DST --amax AMAX`. No BF16 copy, no ModelOpt export: about 1 TB written
+  beyond the release, one GPU's memory for the largest layer in BF16 plus the activations, and tens of
+  GiB of RAM (``one_gpu_disk_plan``, ``one_gpu_calibration_bytes``, ``one_gpu_ram_bytes``).
+* ``bf16`` (the seeds' path, NVIDIA's hf_ptq contract): `dsv4 dequant` to a 3.2 TB BF16 copy, ModelOpt
+  over 8 GPUs with the rest of the model in host RAM, the export, `dsv4 convert` (``disk_plan``,
+  ``check_gpus``, ``ram_needed``).
+
 Disk sizes are planned from headers: the BF16 copy by `dsv4 dequant`'s own planner, the converted
 checkpoint from the target layout (pipeline.mapping), the ModelOpt export estimated from the same
-tables (see ``export_bytes``).
+tables (see ``export_bytes``). Memory is derived from the release's tensor table (release_layout) and
+config: the bytes of the largest block in BF16 and in the release, the activations' shape.
 """
 
 from __future__ import annotations
@@ -53,6 +64,23 @@ MIN_FREE_FRACTION = 0.9
 GPU_FILL_FRACTION = 0.7
 RAM_HEADROOM = 128 * GIB  # Python, CUDA context, calibration batches, page cache for the shards
 DISK_MARGIN = 0.02  # planned sizes are exact for tensors; this covers reports, journals, calibration state
+
+# ---- the run's two paths -----------------------------------------------------------------------------
+
+PATH_ONE_GPU = (
+    "one-gpu"  # dsv4 calibrate -> dsv4 convert RELEASE --amax (issue 16): what the preflight leads with
+)
+PATH_BF16 = "bf16"  # dsv4 dequant -> dsv4 quantize / hf_ptq on 8 GPUs -> dsv4 convert (the seeds' path)
+PATHS = (PATH_ONE_GPU, PATH_BF16)
+
+# The run's calibration size: the seeds' Run 11 (128 samples of 512 tokens, pipeline.hf_ptq's
+# HfPtqConfig defaults; a unit test keeps them equal). The one-GPU path's work folder, GPU and RAM
+# needs grow with it, so the plan uses what the run will pass to `dsv4 calibrate --samples --seq-len`.
+CALIB_SAMPLES = 128
+CALIB_SEQ_LEN = 512
+# The canary's calibration on its 2-layer slice, both paths: 16 x 64 tokens (seconds, not minutes).
+CANARY_SAMPLES = 16
+CANARY_SEQ_LEN = 64
 
 
 @dataclass(frozen=True)
@@ -134,9 +162,18 @@ def ram_needed(
     return max(0, bf16_bytes - int(gpu_fill_fraction * gpu_total_bytes)) + headroom
 
 
-def check_ram(available: int, needed: int) -> list[str]:
+def check_ram(available: int, needed: int, path: str = PATH_BF16) -> list[str]:
+    """MemAvailable against the path's need: ``ram_needed`` (bf16) or ``one_gpu_ram_bytes`` (one-gpu)."""
     if available >= needed:
         return []
+    if path == PATH_ONE_GPU:
+        return [
+            f"{available / GIB:.1f} GiB of RAM available, dsv4 calibrate needs {needed / GIB:.1f} GiB (the "
+            "largest layer's release bytes as read, page cache for the next layer's, two host copies of the "
+            "activations when a layer's outputs go to the work folder, the interpreter): it would be killed "
+            "mid-run (it resumes at its layer, but the next try needs the same); free memory (other "
+            "processes, page cache pinned by tmpfs) or lower --samples / --seq-len"
+        ]
     return [
         f"{available / 1e12:.2f} TB of RAM available, the quantize step needs {needed / 1e12:.2f} TB (the "
         f"BF16 model less {GPU_FILL_FRACTION:.0%} of the GPUs, plus {RAM_HEADROOM / GIB:.0f} GiB): it would "
@@ -145,12 +182,156 @@ def check_ram(available: int, needed: int) -> list[str]:
     ]
 
 
+# ---- the one-GPU path: GPU and host memory of `dsv4 calibrate` -------------------------------------------
+
+# What no table gives: the CUDA context (~0.5-1 GiB), the caching allocator's slack between layers of
+# different shapes, and one batch's forward transients (attention scores of 4 x 512 tokens x 128 heads
+# are 0.5 GiB in float32; an expert's intermediate a few MiB). "A few GiB" in issue 16; the bench
+# (bench/layer_bench.py) prints the measured peak to check it against.
+CALIB_GPU_HEADROOM = 4 * GIB
+# The interpreter with torch, transformers and ModelOpt imported, transformers' meta-device skeleton,
+# CUDA's pinned staging buffers, and `dsv4 convert --amax`'s streaming (peak RSS about 1 GB in
+# docs/benchmarks.md).
+CALIB_RAM_HEADROOM = 16 * GIB
+ACTIVATION_BYTES = 2  # the residual stream between decoder layers is BF16, as the layers produce it
+
+
+@dataclass(frozen=True)
+class BlockBytes:
+    """One decoder layer or MTP block: what `dsv4 calibrate` reads, holds and transforms at a time."""
+
+    block: str  # "layers.N" or "mtp.J"
+    release: int  # its stored bytes in the release (FP8 and MXFP4 with their scales): what is read
+    bf16: int  # as the calibration model holds it: FP8 and MXFP4 weights in BF16, the rest as stored
+    largest_weight: int  # elements of its largest weight: the dequantize step's transient
+
+
+def block_bytes(config: Mapping) -> list[BlockBytes]:
+    """Every decoder layer and MTP block of a release with this config, from the tensor table."""
+    sums: dict[str, list[int]] = {}
+    for w in release_weights(config):
+        head = w.name.split(".")
+        if head[0] not in ("layers", "mtp"):
+            continue  # embedding, head, final norm and hc head: not a block
+        acc = sums.setdefault(".".join(head[:2]), [0, 0, 0])
+        acc[0] += sum(itemsize(t.dtype) * math.prod(t.shape) for t in w.tensors())
+        acc[1] += math.prod(w.shape) * (2 if w.fmt in (FP8, MXFP4) else itemsize(w.dtype))
+        acc[2] = max(acc[2], math.prod(w.shape))
+    return [BlockBytes(name, *acc) for name, acc in sums.items()]
+
+
+def activation_bytes(config: Mapping, samples: int, seq_len: int) -> int:
+    """One set of a decoder layer's inputs (or outputs) over the whole calibration set: V4's residual
+    stream is hc_mult copies of the hidden state per token, [samples, seq_len, hc_mult, hidden] in BF16
+    (3.5 GiB at 128 x 512 on V4 Pro)."""
+    return samples * seq_len * config["hc_mult"] * config["hidden_size"] * ACTIVATION_BYTES
+
+
+def one_gpu_calibration_memory(
+    config: Mapping, samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN
+) -> list[tuple[str, int]]:
+    """(what, bytes) of `dsv4 calibrate`'s peak on its one GPU: the largest block in BF16 (the MTP block
+    included, in case it is calibrated too), the embedding (it stays on the device for the run: every
+    batch's layer-0 inputs come from it), the layer's inputs and outputs for every sample (the outputs are
+    the next layer's inputs, so both sets are on the device at the end of a layer), dequantizing the
+    largest weight (float32 values and the BF16 result), and ``CALIB_GPU_HEADROOM``."""
+    biggest = max(block_bytes(config), key=lambda b: b.bf16)
+    largest_weight = max(b.largest_weight for b in block_bytes(config))
+    embed = config["vocab_size"] * config["hidden_size"] * 2
+    act = activation_bytes(config, samples, seq_len)
+    return [
+        (f"largest block in BF16 ({biggest.block})", biggest.bf16),
+        ("embedding in BF16, on the device for the run", embed),
+        (f"activations: a layer's inputs and outputs, 2 x {samples} x {seq_len} tokens", 2 * act),
+        ("dequantize transient: the largest weight in float32 and BF16", 6 * largest_weight),
+        ("CUDA context, one batch's forward, allocator slack", CALIB_GPU_HEADROOM),
+    ]
+
+
+def one_gpu_calibration_bytes(
+    config: Mapping, samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN
+) -> int:
+    """Free memory `dsv4 calibrate` needs on its one GPU (``one_gpu_calibration_memory``, summed)."""
+    return sum(n for _, n in one_gpu_calibration_memory(config, samples, seq_len))
+
+
+def one_gpu_ram_memory(
+    config: Mapping, samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN, *, device: str = "cuda"
+) -> list[tuple[str, int]]:
+    """(what, bytes) of the host RAM the one-GPU path needs: the largest block's release bytes as read
+    (they go to the device and are dequantized there), as much again of page cache for the next block's
+    shards (so the streamed read does not evict what it is about to read), two host copies of one set of
+    activations (a layer's outputs moved to the CPU and their serialized file for the work folder), and
+    ``CALIB_RAM_HEADROOM``. With ``device="cpu"`` the GPU's share lives in RAM as well."""
+    biggest = max(block_bytes(config), key=lambda b: b.release)
+    act = activation_bytes(config, samples, seq_len)
+    out = [
+        (f"largest block's release bytes, as read ({biggest.block})", biggest.release),
+        ("page cache for the next block's shards", biggest.release),
+        (f"activations: host copy and its work-folder file, 2 x {samples} x {seq_len} tokens", 2 * act),
+        ("interpreter, torch, transformers, ModelOpt, convert's streaming", CALIB_RAM_HEADROOM),
+    ]
+    if device == "cpu":
+        out.append(
+            ("--device cpu: the GPU's share in RAM", one_gpu_calibration_bytes(config, samples, seq_len))
+        )
+    return out
+
+
+def one_gpu_ram_bytes(
+    config: Mapping, samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN, *, device: str = "cuda"
+) -> int:
+    """Host RAM the one-GPU path needs (``one_gpu_ram_memory``, summed): tens of GiB, not 2.26 TB."""
+    return sum(n for _, n in one_gpu_ram_memory(config, samples, seq_len, device=device))
+
+
+def calibration_gpus(gpus: Sequence[GpuInfo], need: int) -> list[int]:
+    """Indexes of the GPUs with ``need`` bytes free: where `dsv4 calibrate --device cuda:N` fits."""
+    return [g.index for g in gpus if g.free_bytes >= need]
+
+
+def check_calibration_gpu(gpus: Sequence[GpuInfo], need: int) -> list[str]:
+    """At least one CUDA GPU with ``need`` bytes free (``one_gpu_calibration_bytes``). Any compute
+    capability: calibration runs ModelOpt's quantizers in calibration mode, no NVFP4 kernel."""
+    if calibration_gpus(gpus, need):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    if not gpus:
+        return [
+            f"no CUDA GPU visible{hint}: dsv4 calibrate needs one with {need / GIB:.1f} GiB free; check "
+            "nvidia-smi and CUDA_VISIBLE_DEVICES (or run it with --device cpu and that much more RAM, far slower)"
+        ]
+    best = max(gpus, key=lambda g: g.free_bytes)
+    return [
+        f"no GPU has {need / GIB:.1f} GiB free for dsv4 calibrate (the largest layer in BF16, the embedding, "
+        f"the activations, headroom; see one_gpu_calibration_memory){hint}: the most is GPU {best.index} "
+        f"({best.name}) with {best.free_bytes / GIB:.1f} of {best.total_bytes / GIB:.1f} GiB free. Stop what "
+        "holds memory (nvidia-smi: a vLLM server or an earlier run?), use a GPU with more memory, or lower "
+        "--samples / --seq-len (the activations scale with them)"
+    ]
+
+
+def format_memory(rows: Sequence[tuple[str, int]]) -> str:
+    """A need as printed by the b200 tests: one line per part, then the total."""
+    width = max(len(what) for what, _ in rows)
+    lines = [f"  {what:<{width}}  {n / GIB:8.2f} GiB" for what, n in rows]
+    lines.append(f"  {'total':<{width}}  {sum(n for _, n in rows) / GIB:8.2f} GiB")
+    return "\n".join(lines)
+
+
 # ---- disk ------------------------------------------------------------------------------------------
 
 STEP_BF16 = "dsv4 dequant: BF16 copy"
 STEP_EXPORT = "dsv4 quantize: ModelOpt export (experts recipe; the full recipe's is smaller)"
 STEP_CONVERTED = "dsv4 convert: the layout vLLM loads (with --graft-from: MTP included)"
 STEP_CANARY = "canary: slice + BF16 + export + converted"
+STEP_CALIBRATE = "dsv4 calibrate: AMAX + its work folder (two sets of a layer's inputs)"
+STEP_CONVERTED_AMAX = "dsv4 convert --amax: the layout vLLM loads (MTP included)"
+STEP_CANARY_ONE_GPU = "canary: slice + calibrate work folder + converted"
+# A bound on one amax's bytes in a safetensors file: its header entry (a ModelOpt quantizer name of at
+# most ~90 characters, dtype, empty shape, offsets: ~60) and its 4 data bytes.
+AMAX_ENTRY_BYTES = 256
 
 
 def _bf16_weight_bytes(config: Mapping, include_mtp: bool = True) -> dict[str, int]:
@@ -200,20 +381,15 @@ def converted_bytes(config: Mapping) -> int:
 def disk_plan(
     source_dir: str | Path, *, canary_layers: int = 2, canary_experts: int = 8
 ) -> list[tuple[str, int]]:
-    """(step, bytes) for every output a run writes, from the source's headers and config.
+    """(step, bytes) for every output the BF16 path writes, from the source's headers and config.
 
     The BF16 copy is `dsv4 dequant`'s own plan of the source; the converted checkpoint is its target
     layout; the export is estimated (``export_bytes``); the canary is the slice `dsv4 slice` would cut
     plus its BF16 copy, export and converted checkpoint."""
     from pipeline.dequant import plan_dequant
-    from pipeline.slice import select_layers, sliced_config
 
-    ckpt = Checkpoint.open(source_dir)
-    config = ckpt.config
-    if config is None:
-        raise ValueError(f"{source_dir}: no config.json")
-    small = sliced_config(config, select_layers(config, canary_layers), canary_experts)
-    slice_bytes = plan_shards([_Planned(t.key, t.dtype, t.shape) for t in release_tensors(small)]).total_bytes
+    ckpt, config = _source_config(source_dir)
+    small, slice_bytes = _canary_config(config, canary_layers, canary_experts)
     canary = slice_bytes + bf16_bytes(small) + export_bytes(small) + converted_bytes(small)
     return [
         (STEP_BF16, plan_dequant(ckpt).output.total_bytes),
@@ -221,6 +397,74 @@ def disk_plan(
         (STEP_CONVERTED, converted_bytes(config)),
         (STEP_CANARY, canary),
     ]
+
+
+def amax_bytes(config: Mapping) -> int:
+    """A bound on the AMAX file: at most a weight and an input quantizer per linear weight of every block
+    (the full recipe; the experts recipe has fewer), ``AMAX_ENTRY_BYTES`` each. Megabytes on V4 Pro."""
+    linears = sum(
+        1
+        for w in release_weights(config)
+        if w.name.split(".")[0] in ("layers", "mtp")
+        and len(w.shape) == 2
+        and (w.fmt in (FP8, MXFP4) or w.dtype == "BF16")
+    )
+    return 2 * linears * AMAX_ENTRY_BYTES
+
+
+def calibrate_disk_bytes(config: Mapping, samples: int = CALIB_SAMPLES, seq_len: int = CALIB_SEQ_LEN) -> int:
+    """`dsv4 calibrate`'s peak on disk: its work folder holds layer i's inputs until layer i+1's are
+    written (two sets of activations) and every finished layer's amax, then AMAX is merged from those."""
+    return 2 * activation_bytes(config, samples, seq_len) + 2 * amax_bytes(config)
+
+
+def _source_config(source_dir: str | Path) -> tuple[Checkpoint, dict]:
+    ckpt = Checkpoint.open(source_dir)
+    if ckpt.config is None:
+        raise ValueError(f"{source_dir}: no config.json")
+    return ckpt, ckpt.config
+
+
+def _canary_config(config: Mapping, layers: int, experts: int) -> tuple[dict, int]:
+    """The config of the slice `dsv4 slice` would cut, and the slice's bytes."""
+    from pipeline.slice import select_layers, sliced_config
+
+    small = sliced_config(config, select_layers(config, layers), experts)
+    return small, plan_shards([_Planned(t.key, t.dtype, t.shape) for t in release_tensors(small)]).total_bytes
+
+
+def one_gpu_disk_plan(
+    source_dir: str | Path,
+    *,
+    samples: int = CALIB_SAMPLES,
+    seq_len: int = CALIB_SEQ_LEN,
+    canary_layers: int = 2,
+    canary_experts: int = 8,
+) -> list[tuple[str, int]]:
+    """(step, bytes) for every output the one-GPU path writes, from the source's headers and config:
+    calibrate's AMAX and work folder (``calibrate_disk_bytes`` at the run's samples x seq_len), the
+    converted checkpoint (its target layout, exactly as ``converted_bytes``: `dsv4 convert --amax` writes
+    the same layout as `--graft-from`), and the canary's slice, work folder and converted slice. About
+    1 TB on V4 Pro, where the BF16 path writes 5 TB (``disk_plan``)."""
+    _, config = _source_config(source_dir)
+    small, slice_bytes = _canary_config(config, canary_layers, canary_experts)
+    canary = (
+        slice_bytes + calibrate_disk_bytes(small, CANARY_SAMPLES, CANARY_SEQ_LEN) + converted_bytes(small)
+    )
+    return [
+        (STEP_CALIBRATE, calibrate_disk_bytes(config, samples, seq_len)),
+        (STEP_CONVERTED_AMAX, converted_bytes(config)),
+        (STEP_CANARY_ONE_GPU, canary),
+    ]
+
+
+def steps_done(*, export: bool = False, amax: bool = False, converted: bool = False) -> list[str]:
+    """The plan steps whose output already exists (--export, --amax, --converted given and there): the
+    disk check counts only what is still to write. The converted checkpoint is the same on both paths."""
+    done = [STEP_EXPORT] if export else []
+    done += [STEP_CALIBRATE] if amax else []
+    done += [STEP_CONVERTED, STEP_CONVERTED_AMAX] if converted else []
+    return done
 
 
 def free_bytes(path: str | Path) -> tuple[Path, int]:
@@ -441,6 +685,44 @@ def dsv4_argv(python: str, command: str, *args: str) -> list[str]:
     return [python, "-m", "pipeline", command, *args]
 
 
+def _slice_step(python: str, source: str, sl: str, layers: int, experts: int) -> CanaryStep:
+    argv = dsv4_argv(
+        python, "slice", source, sl, *f"--layers {layers} --experts {experts} --overwrite --quiet".split()
+    )
+    return CanaryStep("slice", argv, 180)
+
+
+def _serve_step(
+    python: str,
+    conv: str,
+    source: str,
+    w: Path,
+    *,
+    vllm_bin: str,
+    tensor_parallel: int,
+    target_vllm: str,
+    port: int,
+    max_model_len: int,
+) -> CanaryStep:
+    serve_flags = (
+        f"--tensor-parallel-size {tensor_parallel} --max-model-len {max_model_len} --port {port} "
+        f"--target-vllm {target_vllm} --health-timeout 480 --max-tokens 16"
+    ).split()
+    argv = dsv4_argv(
+        python,
+        "serve",
+        conv,
+        *serve_flags,
+        "--tokenizer",
+        source,
+        "--vllm-bin",
+        vllm_bin,
+        "--log-file",
+        str(w / "serve.log"),
+    )
+    return CanaryStep("serve", argv, 600)
+
+
 def canary_steps(
     source: str | Path,
     workdir: str | Path,
@@ -455,28 +737,15 @@ def canary_steps(
     max_model_len: int = 4096,
     device: str = "cuda",
 ) -> list[CanaryStep]:
-    """The pipeline on a slice of the real release: slice -> dequant -> quantize (experts recipe, CUDA)
+    """The BF16 path on a slice of the real release: slice -> dequant -> quantize (experts recipe, CUDA)
     -> convert --graft-from the slice -> serve (a greedy completion), each a `dsv4` subprocess."""
     w = Path(workdir)
     src, sl, bf16, export, conv = (
         str(p) for p in (source, w / "slice", w / "bf16", w / "export", w / "converted")
     )
-    serve_flags = (
-        f"--tensor-parallel-size {tensor_parallel} --max-model-len {max_model_len} --port {port} "
-        f"--target-vllm {target_vllm} --health-timeout 480 --max-tokens 16"
-    ).split()
+    calib = f"--calib-size {CANARY_SAMPLES} --calib-seq {CANARY_SEQ_LEN}"
     return [
-        CanaryStep(
-            "slice",
-            dsv4_argv(
-                python,
-                "slice",
-                src,
-                sl,
-                *f"--layers {layers} --experts {experts} --overwrite --quiet".split(),
-            ),
-            180,
-        ),
+        _slice_step(python, src, sl, layers, experts),
         CanaryStep(
             "dequant",
             dsv4_argv(python, "dequant", sl, bf16, "--device", device, "--overwrite", "--quiet"),
@@ -489,7 +758,7 @@ def canary_steps(
                 "quantize",
                 bf16,
                 export,
-                *f"--recipe experts --device {device} --overwrite --calib-size 16 --calib-seq 64".split(),
+                *f"--recipe experts --device {device} --overwrite {calib}".split(),
             ),
             420,
         ),
@@ -506,21 +775,78 @@ def canary_steps(
             ),
             180,
         ),
+        _serve_step(
+            python,
+            conv,
+            src,
+            w,
+            vllm_bin=vllm_bin,
+            tensor_parallel=tensor_parallel,
+            target_vllm=target_vllm,
+            port=port,
+            max_model_len=max_model_len,
+        ),
+    ]
+
+
+def one_gpu_canary_steps(
+    source: str | Path,
+    workdir: str | Path,
+    *,
+    python: str = sys.executable,
+    vllm_bin: str = "vllm",
+    tensor_parallel: int = NODE_GPUS,
+    target_vllm: str = DEFAULT_TARGET,
+    layers: int = 2,
+    experts: int = 8,
+    port: int = 8011,
+    max_model_len: int = 4096,
+    device: str = "cuda",
+    recipe: str = "experts",
+) -> list[CanaryStep]:
+    """The one-GPU path on a slice of the real release: slice -> calibrate (16 x 64 tokens, one layer at a
+    time on ``device``) -> convert the slice --amax -> serve (a greedy completion), each a `dsv4`
+    subprocess. calibrate gets --restart: a work folder a failed canary left was made from the slice
+    before this one was cut, and would be refused."""
+    w = Path(workdir)
+    src, sl, amax, conv = (str(p) for p in (source, w / "slice", w / "amax.safetensors", w / "converted"))
+    calib = f"--samples {CANARY_SAMPLES} --seq-len {CANARY_SEQ_LEN}"
+    return [
+        _slice_step(python, src, sl, layers, experts),
         CanaryStep(
-            "serve",
+            "calibrate",
             dsv4_argv(
                 python,
-                "serve",
-                conv,
-                *serve_flags,
-                "--tokenizer",
-                src,
-                "--vllm-bin",
-                vllm_bin,
-                "--log-file",
-                str(w / "serve.log"),
+                "calibrate",
+                sl,
+                amax,
+                *f"--recipe {recipe} {calib} --device {device} --overwrite --restart --quiet".split(),
             ),
-            600,
+            420,  # ModelOpt's and transformers' imports, then 2 layers
+        ),
+        CanaryStep(
+            "convert",
+            dsv4_argv(
+                python,
+                "convert",
+                sl,
+                conv,
+                "--amax",
+                amax,
+                *f"--recipe {recipe} --target-vllm {target_vllm} --device {device} --overwrite --quiet".split(),
+            ),
+            180,
+        ),
+        _serve_step(
+            python,
+            conv,
+            src,
+            w,
+            vllm_bin=vllm_bin,
+            tensor_parallel=tensor_parallel,
+            target_vllm=target_vllm,
+            port=port,
+            max_model_len=max_model_len,
         ),
     ]
 

@@ -1,5 +1,10 @@
 """Options and fixtures of the node's preflight, `pytest -m b200 --source RELEASE [...]` (docs/preflight.md).
 
+``--path one-gpu`` (the default) checks the node for the one-GPU path of issue 16 (`dsv4 calibrate`, then
+`dsv4 convert RELEASE --amax`): one GPU for calibration, about 1 TB of disk beyond the release, tens of
+GiB of RAM, and its canary. ``--path bf16`` checks for the seeds' path instead (the 3.2 TB BF16 copy,
+ModelOpt over 8 GPUs, the export): 8 Blackwell GPUs, 5 TB of disk, the BF16 model in RAM, hf_ptq.
+
 pytest calls ``pytest_addoption`` only in the conftest files it loads at start-up, not in this one,
 so the root conftest.py's hook calls ``add_b200_options`` below: `pytest -m b200 --source X` works from
 the repository root as well as `pytest tests/preflight/test_node_preflight.py ...`.
@@ -19,6 +24,30 @@ from pipeline.vllm_config import DEFAULT_TARGET, VLLM_TARGETS
 
 def add_b200_options(parser: pytest.Parser) -> None:
     g = parser.getgroup("b200", "the 8xB200 node's preflight (pytest -m b200; docs/preflight.md)")
+    g.addoption(
+        "--path",
+        choices=P.PATHS,
+        default=P.PATH_ONE_GPU,
+        help="the run to check for: one-gpu (dsv4 calibrate + convert --amax: one GPU, ~1 TB beyond the "
+        "release; the default) or bf16 (dequant to a 3.2 TB BF16 copy, ModelOpt on 8 GPUs, export, convert)",
+    )
+    g.addoption(
+        "--calib-samples",
+        type=int,
+        default=P.CALIB_SAMPLES,
+        help=f"one-gpu: the run's dsv4 calibrate --samples (default {P.CALIB_SAMPLES}); sizes GPU, RAM, disk",
+    )
+    g.addoption(
+        "--calib-seq-len",
+        type=int,
+        default=P.CALIB_SEQ_LEN,
+        help=f"one-gpu: the run's dsv4 calibrate --seq-len (default {P.CALIB_SEQ_LEN}); sizes GPU, RAM, disk",
+    )
+    g.addoption(
+        "--amax",
+        metavar="AMAX",
+        help="one-gpu: an AMAX file dsv4 calibrate already wrote (counts as written)",
+    )
     g.addoption("--source", metavar="RELEASE", help="the DeepSeek V4 Pro release checkpoint directory")
     g.addoption("--export", metavar="EXPORT", help="a ModelOpt NVFP4 export to validate (header-only)")
     g.addoption(
@@ -33,7 +62,8 @@ def add_b200_options(parser: pytest.Parser) -> None:
     g.addoption(
         "--outputs",
         metavar="DIR",
-        help="where the run's BF16 copy, export and converted checkpoint will go (default: beside --source)",
+        help="where the run's outputs will go (AMAX and its work folder, the converted checkpoint; on the bf16 "
+        "path the BF16 copy and the export; default: beside --source)",
     )
     g.addoption(
         "--canary-dir", metavar="DIR", help="the canary's work directory (default: OUTPUTS/dsv4-canary)"
@@ -74,6 +104,11 @@ class NodeOptions:
     gsm8k: bool
     gsm8k_threshold: float
     gsm8k_limit: int
+    # defaults: NodeOptions built by hand (tests/preflight/test_preflight.py) check the leading path
+    path: str = P.PATH_ONE_GPU
+    calib_samples: int = P.CALIB_SAMPLES
+    calib_seq_len: int = P.CALIB_SEQ_LEN
+    amax: Path | None = None
 
 
 def _path(value: str | None) -> Path | None:
@@ -100,6 +135,10 @@ def node(request: pytest.FixtureRequest) -> NodeOptions:
         gsm8k=o("--gsm8k"),
         gsm8k_threshold=o("--gsm8k-threshold"),
         gsm8k_limit=o("--gsm8k-limit"),
+        path=o("--path"),
+        calib_samples=o("--calib-samples"),
+        calib_seq_len=o("--calib-seq-len"),
+        amax=_path(o("--amax")),
     )
 
 
@@ -113,7 +152,21 @@ def source(node: NodeOptions) -> Path:
 
 
 @pytest.fixture(scope="session")
-def disk_plan(source: Path) -> list[tuple[str, int]]:
+def source_config(source: Path) -> dict:
+    """The release's config.json: the one-GPU path's memory is derived from it and the tensor table."""
+    from pipeline.checkpoint import Checkpoint
+
+    config = Checkpoint.open(source).config
+    if config is None:
+        pytest.fail(f"--source {source}: no config.json", pytrace=False)
+    return config
+
+
+@pytest.fixture(scope="session")
+def disk_plan(source: Path, node: NodeOptions) -> list[tuple[str, int]]:
+    """The disk plan of the path checked (``--path``)."""
+    if node.path == P.PATH_ONE_GPU:
+        return P.one_gpu_disk_plan(source, samples=node.calib_samples, seq_len=node.calib_seq_len)
     return P.disk_plan(source)
 
 

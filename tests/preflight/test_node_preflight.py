@@ -1,5 +1,10 @@
-"""The preflight on the 8xB200 node, before spending a run: `pytest -m b200 --source RELEASE [--export
-EXPORT] [--converted CKPT] [--modelopt-repo REPO] [--expect-code DIGEST] [--vllm-python PY] [--gsm8k]`.
+"""The preflight on the 8xB200 node, before spending a run: `pytest -m b200 --source RELEASE [--path
+one-gpu|bf16] [--amax AMAX] [--export EXPORT] [--converted CKPT] [--modelopt-repo REPO] [--expect-code
+DIGEST] [--vllm-python PY] [--gsm8k]`.
+
+``--path one-gpu`` (the default) checks for issue 16's path: `dsv4 calibrate` one layer at a time on one
+GPU, then `dsv4 convert RELEASE --amax`; ``--path bf16`` for the seeds' path through a BF16 copy and
+ModelOpt on 8 GPUs. A check of the other path skips, naming the option that selects it.
 
 Each test is one check, and its failure says what to do (docs/preflight.md lists them with the seed
 failure each prevents). The logic lives in harness/preflight.py, unit-tested on CPU against fakes and the
@@ -29,22 +34,57 @@ def fail_with(problems: list[str]) -> None:
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+def only_on(node, path: str) -> None:
+    """Skip a check of the path this run does not take, saying how to select it."""
+    if node.path != path:
+        pytest.skip(f"a check of the {path} path; this preflight checks the {node.path} path (--path {path})")
+
+
 # ---- hardware ----------------------------------------------------------------------------------------
 
 
+def test_gpu_for_calibrate(gpus, node, source_config):
+    """one-gpu: a GPU with room for `dsv4 calibrate`'s largest layer in BF16 and its activations."""
+    only_on(node, P.PATH_ONE_GPU)
+    parts = P.one_gpu_calibration_memory(source_config, node.calib_samples, node.calib_seq_len)
+    need = sum(n for _, n in parts)
+    fits = P.calibration_gpus(gpus, need)
+    print(
+        f"\ndsv4 calibrate on one GPU ({node.calib_samples} x {node.calib_seq_len} tokens):\n{P.format_memory(parts)}"
+    )
+    print(f"GPUs with room: {fits} (dsv4 calibrate --device cuda:N)")
+    fail_with(P.check_calibration_gpu(gpus, need))
+
+
+def test_ram_for_calibrate(node, source_config):
+    """one-gpu: host RAM for one layer's release bytes, its page cache and the activations' host copies."""
+    only_on(node, P.PATH_ONE_GPU)
+    parts = P.one_gpu_ram_memory(source_config, node.calib_samples, node.calib_seq_len)
+    print("\nhost RAM of the one-GPU path:\n" + P.format_memory(parts))
+    fail_with(P.check_ram(P.mem_available(), sum(n for _, n in parts), P.PATH_ONE_GPU))
+
+
 def test_gpus(gpus, node):
+    """bf16: 8 Blackwell GPUs, each nearly all free, for hf_ptq's calibration across them."""
+    only_on(node, P.PATH_BF16)
     fail_with(P.check_gpus(gpus, count=node.gpus))
 
 
-def test_ram(gpus, disk_plan):
+def test_ram(gpus, node, disk_plan):
+    """bf16: the BF16 model less what the GPUs hold, in host RAM."""
+    only_on(node, P.PATH_BF16)
     bf16 = dict(disk_plan)[P.STEP_BF16]
     fail_with(P.check_ram(P.mem_available(), P.ram_needed(bf16, sum(g.total_bytes for g in gpus))))
 
 
 def test_disk_for_every_output(node, disk_plan):
-    print("\n" + P.format_disk_plan(disk_plan))
-    done = [P.STEP_EXPORT] if node.export and node.export.is_dir() else []
-    done += [P.STEP_CONVERTED] if node.converted and node.converted.is_dir() else []
+    """Both paths: the plan of ``--path`` (one_gpu_disk_plan or disk_plan) against the free space."""
+    print(f"\ndisk plan of the {node.path} path:\n" + P.format_disk_plan(disk_plan))
+    done = P.steps_done(
+        export=bool(node.export and node.export.is_dir()),
+        amax=bool(node.amax and node.amax.is_file()),
+        converted=bool(node.converted and node.converted.is_dir()),
+    )
     where, free = P.free_bytes(node.outputs)
     fail_with(P.check_disk(disk_plan, free, done=done, where=str(where)))
 
@@ -76,6 +116,7 @@ def test_modelopt_patch_targets_are_present():
 
 
 def test_hf_ptq_dry_run(node):
+    only_on(node, P.PATH_BF16)  # the one-GPU path runs no hf_ptq
     if node.modelopt_repo is None:
         pytest.skip("pass --modelopt-repo REPO (the Model-Optimizer checkout the run's hf_ptq.py comes from)")
     out = node.outputs or Path(tempfile.gettempdir())
@@ -111,15 +152,35 @@ def test_converted_headers(node):
 # ---- the canary: the whole pipeline on 2 layers x 8 experts of the release, on the real kernels -------
 
 
-def test_canary_slice_dequant_quantize_convert_serve(source, node):
-    workdir = node.canary_dir
-    steps = P.canary_steps(
+def test_canary_slice_calibrate_convert_serve(source, node):
+    """one-gpu: slice -> calibrate (16 x 64 tokens, one layer at a time) -> convert --amax -> serve."""
+    only_on(node, P.PATH_ONE_GPU)
+    steps = P.one_gpu_canary_steps(
         source,
-        workdir,
+        node.canary_dir,
         vllm_bin=P.vllm_bin_for(node.vllm_python),
         tensor_parallel=node.gpus,
         target_vllm=node.target_vllm,
     )
+    run_canary(steps, node)
+
+
+def test_canary_slice_dequant_quantize_convert_serve(source, node):
+    """bf16: slice -> dequant -> quantize (ModelOpt, 16 x 64 tokens) -> convert --graft-from -> serve."""
+    only_on(node, P.PATH_BF16)
+    steps = P.canary_steps(
+        source,
+        node.canary_dir,
+        vllm_bin=P.vllm_bin_for(node.vllm_python),
+        tensor_parallel=node.gpus,
+        target_vllm=node.target_vllm,
+    )
+    run_canary(steps, node)
+
+
+def run_canary(steps: list[P.CanaryStep], node) -> None:
+    """Each step in turn, its output's tail printed; the first that fails or times out fails the test."""
+    workdir = node.canary_dir
     for step in steps:
         result = P.run_step(step, workdir / "logs")
         print(f"\ncanary {step.name}: exit {result.returncode} in {result.seconds:.0f} s\n{result.tail}")

@@ -1,20 +1,25 @@
 """The node's preflight checks (harness/preflight.py) on CPU: fake GPUs, fake constraints and meminfo, a
-stand-in hf_ptq.py and vLLM interpreter. The b200 tests (tests/preflight/test_node_preflight.py) are thin wrappers over these
-functions; a few are called here directly with fake fixtures. The full-scale plan (the real V4 Pro's disk
-and RAM, from the sparse replica) is tests/preflight/test_preflight_full.py, in the slow tier."""
+stand-in hf_ptq.py and vLLM interpreter, the micro release for the one-GPU path's memory. The b200 tests
+(tests/preflight/test_node_preflight.py) are thin wrappers over these functions; a few are called here
+directly with fake fixtures. The full-scale plan (the real V4 Pro's disk, RAM and GPU need of both paths,
+from the sparse replica) is tests/preflight/test_preflight_full.py, in the slow tier."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import math
 import stat
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 from harness import preflight as P
+from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint.dtypes import itemsize
 from pipeline.errors import DsV4Error
 from tests.preflight import conftest as b200_conftest
 from tests.preflight import test_node_preflight as node_tests
@@ -68,6 +73,119 @@ def test_disk_counts_what_is_still_to_write(tmp_path):
     assert P.check_disk([("a", 1000)], 1010) != []  # the margin: reports, journals, calibration state
     probe, free = P.free_bytes(tmp_path / "not" / "yet")
     assert probe == tmp_path and free > 0
+
+
+# ---- the one-GPU path: memory derived from the tensor table --------------------------------------------
+
+
+def _stored_bytes(ckpt: Checkpoint, block: str) -> int:
+    return sum(
+        math.prod(t.shape) * itemsize(t.dtype) for k, t in ckpt.tensors.items() if k.startswith(block + ".")
+    )
+
+
+def test_block_bytes_are_the_checkpoints_own(tiny_release, tiny_bf16):
+    """Per block, the table's release bytes are the release's tensors, and its BF16 bytes are what
+    `dsv4 dequant` wrote for it: the one-GPU path's memory rests on these two numbers."""
+    release, bf16 = Checkpoint.open(tiny_release), Checkpoint.open(tiny_bf16)
+    blocks = P.block_bytes(release.config)
+    names = [b.block for b in blocks]
+    assert names == [f"layers.{i}" for i in range(release.config["num_hidden_layers"])] + ["mtp.0"]
+    for b in blocks:
+        assert b.release == _stored_bytes(release, b.block) > 0, b.block
+        assert b.bf16 == _stored_bytes(bf16, b.block) > b.release, b.block
+        largest = max(math.prod(t.shape) for k, t in bf16.tensors.items() if k.startswith(b.block + "."))
+        assert b.largest_weight == largest, b.block
+
+
+def test_one_gpu_memory_is_the_largest_block_the_embedding_and_the_activations(tiny_release):
+    config = Checkpoint.open(tiny_release).config
+    blocks = P.block_bytes(config)
+    act = P.activation_bytes(config, 8, 32)
+    assert act == 8 * 32 * config["hc_mult"] * config["hidden_size"] * 2  # [samples, seq, hc, hidden] BF16
+    parts = dict(P.one_gpu_calibration_memory(config, 8, 32))
+    print("\n" + P.format_memory(list(parts.items())))
+    biggest = max(blocks, key=lambda b: b.bf16)
+    assert parts[f"largest block in BF16 ({biggest.block})"] == biggest.bf16
+    assert (
+        parts["embedding in BF16, on the device for the run"]
+        == config["vocab_size"] * config["hidden_size"] * 2
+    )
+    assert parts["activations: a layer's inputs and outputs, 2 x 8 x 32 tokens"] == 2 * act
+    need = P.one_gpu_calibration_bytes(config, 8, 32)
+    assert need == sum(parts.values())
+    # more tokens, more memory: exactly the two extra sets of activations
+    assert P.one_gpu_calibration_bytes(config, 16, 32) - need == 2 * act
+    ram = dict(P.one_gpu_ram_memory(config, 8, 32))
+    biggest_read = max(b.release for b in blocks)
+    assert (
+        sum(ram.values())
+        == P.one_gpu_ram_bytes(config, 8, 32)
+        == 2 * biggest_read + 2 * act + P.CALIB_RAM_HEADROOM
+    )
+    # --device cpu: the layer, the embedding and the activations live in RAM too
+    assert P.one_gpu_ram_bytes(config, 8, 32, device="cpu") == P.one_gpu_ram_bytes(config, 8, 32) + need
+
+
+def test_the_run_calibrates_as_the_seeds_did():
+    from pipeline.hf_ptq.options import HfPtqConfig
+
+    seeds = HfPtqConfig("", "")
+    assert (P.CALIB_SAMPLES, P.CALIB_SEQ_LEN) == (seeds.calib_size[0], seeds.calib_seq) == (128, 512)
+
+
+def test_calibration_gpu_on_fake_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    need = 62 * GIB
+    assert P.check_calibration_gpu(fake_gpus(), need) == []
+    # one GPU is enough, of any compute capability (an H200 calibrates; no NVFP4 kernel runs)
+    h200 = [P.GpuInfo(0, "NVIDIA H200", (9, 0), 139 * GIB, 138 * GIB)]
+    assert P.check_calibration_gpu(h200, need) == [] and P.calibration_gpus(h200, need) == [0]
+    busy = fake_gpus(8, free_bytes=40 * GIB)
+    busy[5] = P.GpuInfo(5, **{**B200, "free_bytes": 100 * GIB})
+    assert P.calibration_gpus(busy, need) == [5] and P.check_calibration_gpu(busy, need) == []
+    (msg,) = P.check_calibration_gpu(fake_gpus(8, free_bytes=40 * GIB), need)
+    assert msg.startswith("no GPU has 62.0 GiB free for dsv4 calibrate")
+    assert "GPU 0 (NVIDIA B200) with 40.0 of 179.0 GiB free" in msg and "--samples / --seq-len" in msg
+    assert P.check_calibration_gpu(h200, 139 * GIB) != []  # free, not total, is what counts
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    (msg,) = P.check_calibration_gpu([], need)
+    assert msg.startswith("no CUDA GPU visible (CUDA_VISIBLE_DEVICES='')") and "--device cpu" in msg
+
+
+def test_one_gpu_ram_message():
+    assert P.check_ram(60 * GIB, 49 * GIB, P.PATH_ONE_GPU) == []
+    (msg,) = P.check_ram(30 * GIB, 49 * GIB, P.PATH_ONE_GPU)
+    assert msg.startswith("30.0 GiB of RAM available, dsv4 calibrate needs 49.0 GiB") and "--seq-len" in msg
+    (msg,) = P.check_ram(30 * GIB, 49 * GIB)  # the BF16 path's message stays the default
+    assert "the quantize step needs" in msg
+
+
+def test_one_gpu_disk_plan_of_the_micro_release(tiny_release):
+    """The one-GPU plan's parts, each from its own function, and what counts as already written."""
+    config = Checkpoint.open(tiny_release).config
+    plan = dict(P.one_gpu_disk_plan(tiny_release, samples=8, seq_len=32, canary_experts=2))
+    print("\n" + P.format_disk_plan(list(plan.items())))
+    assert list(plan) == [P.STEP_CALIBRATE, P.STEP_CONVERTED_AMAX, P.STEP_CANARY_ONE_GPU]
+    act = P.activation_bytes(config, 8, 32)
+    assert (
+        plan[P.STEP_CALIBRATE] == P.calibrate_disk_bytes(config, 8, 32) == 2 * act + 2 * P.amax_bytes(config)
+    )
+    assert (
+        plan[P.STEP_CONVERTED_AMAX]
+        == P.converted_bytes(config)
+        == dict(P.disk_plan(tiny_release, canary_experts=2))[P.STEP_CONVERTED]
+    )
+    assert P.steps_done() == []
+    assert P.steps_done(amax=True) == [P.STEP_CALIBRATE]
+    assert set(P.steps_done(export=True, converted=True)) == {
+        P.STEP_EXPORT,
+        P.STEP_CONVERTED,
+        P.STEP_CONVERTED_AMAX,
+    }
+    free = sum(plan.values())
+    assert P.check_disk(list(plan.items()), free) != []  # the margin
+    assert P.check_disk(list(plan.items()), free, done=P.steps_done(amax=True, converted=True)) == []
 
 
 # ---- versions, code ------------------------------------------------------------------------------------
@@ -156,6 +274,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_every_canary_command_parses_with_the_real_cli(tmp_path):
+    """The BF16 path's canary (--path bf16)."""
     steps = P.canary_steps("/data/release", tmp_path, vllm_bin="/srv/bin/vllm", tensor_parallel=8)
     assert [s.name for s in steps] == ["slice", "dequant", "quantize", "convert", "serve"]
     if importlib.util.find_spec("pipeline.cli.serve") is None:  # dsv4 serve is being written
@@ -169,6 +288,71 @@ def test_every_canary_command_parses_with_the_real_cli(tmp_path):
         assert parsed["serve"].tensor_parallel_size == 8 and parsed["serve"].vllm_bin == "/srv/bin/vllm"
         assert parsed["serve"].tokenizer == "/data/release" and parsed["serve"].max_model_len == 4096
     assert sum(s.timeout for s in steps[:4]) <= 1000
+
+
+def _one_gpu_canary(tmp_path: Path) -> dict[str, P.CanaryStep]:
+    steps = P.one_gpu_canary_steps("/data/release", tmp_path, vllm_bin="/srv/bin/vllm", tensor_parallel=8)
+    assert [s.name for s in steps] == [
+        "slice",
+        "calibrate",
+        "convert",
+        "serve",
+    ]  # the path the node leads with
+    return {s.name: s for s in steps}
+
+
+def test_one_gpu_canary_hands_each_output_to_the_next_step(tmp_path):
+    """slice -> calibrate -> convert --amax -> serve: each step reads what the one before wrote. The slice
+    and serve steps parse with today's CLI; calibrate and convert --amax are the next test's."""
+    steps = _one_gpu_canary(tmp_path)
+    sl, amax, conv = str(tmp_path / "slice"), str(tmp_path / "amax.safetensors"), str(tmp_path / "converted")
+    calibrate, convert = steps["calibrate"].argv, steps["convert"].argv
+    assert calibrate[3:6] == ["calibrate", sl, amax]
+    assert convert[3:6] == ["convert", sl, conv] and convert[convert.index("--amax") + 1] == amax
+    assert "--graft-from" not in convert  # no export: the release (here its slice) is the input
+    assert calibrate[calibrate.index("--samples") + 1] == str(P.CANARY_SAMPLES)
+    assert calibrate[calibrate.index("--seq-len") + 1] == str(P.CANARY_SEQ_LEN)
+    assert "--restart" in calibrate  # a work folder of an earlier slice would be refused
+    parsed_slice = _parse(steps["slice"].argv)
+    assert (parsed_slice.src, parsed_slice.dst, parsed_slice.layers, parsed_slice.experts) == (
+        "/data/release",
+        sl,
+        2,
+        8,
+    )
+    if importlib.util.find_spec("pipeline.cli.serve") is not None:
+        serve = _parse(steps["serve"].argv)
+        assert serve.ckpt == conv and serve.tensor_parallel_size == 8 and serve.tokenizer == "/data/release"
+    assert sum(s.timeout for n, s in steps.items() if n != "serve") <= 1000
+
+
+def _calibrate_missing() -> str | None:
+    """Why the one-GPU canary's new commands cannot be parsed here, or None once they have landed."""
+    from pipeline.cli import SUBCOMMANDS
+
+    if "pipeline.cli.calibrate" in SUBCOMMANDS:
+        return None
+    return (
+        "dsv4 calibrate is not in pipeline.cli.SUBCOMMANDS yet (issue 16's calibrate branch; convert --amax "
+        "comes with the amax branch): this test parses the one-GPU canary's calibrate and convert --amax "
+        "steps once they have landed"
+    )
+
+
+def test_one_gpu_canary_calibrate_and_convert_amax_parse_with_the_real_cli(tmp_path):
+    missing = _calibrate_missing()
+    if missing:
+        pytest.skip(missing)
+    steps = _one_gpu_canary(tmp_path)
+    sl, amax = str(tmp_path / "slice"), str(tmp_path / "amax.safetensors")
+    calibrate = _parse(steps["calibrate"].argv)
+    assert (str(calibrate.release), str(calibrate.amax)) == (sl, amax)
+    assert (calibrate.samples, calibrate.seq_len) == (P.CANARY_SAMPLES, P.CANARY_SEQ_LEN)
+    assert calibrate.recipe == "experts" and calibrate.device == "cuda" and calibrate.restart
+    convert = _parse(steps["convert"].argv)
+    assert str(convert.amax) == amax and convert.recipe == "experts" and convert.device == "cuda"
+    assert sl in {str(v) for v in vars(convert).values()}  # the slice is convert's input, whatever its name
+    assert str(tmp_path / "converted") in {str(v) for v in vars(convert).values()}
 
 
 # ---- GSM8K -----------------------------------------------------------------------------------------------------
@@ -215,8 +399,62 @@ def fake_node(tmp_path: Path, **kw) -> b200_conftest.NodeOptions:
     return b200_conftest.NodeOptions(**{**base, **kw})
 
 
-def test_b200_wrappers_pass_and_fail_with_the_check_messages(tmp_path):
+def test_b200_options_lead_with_the_one_gpu_path():
+    # pytest builds its parser privately; this one is only to read the options' defaults and choices
+    from _pytest.config.argparsing import Parser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parser = Parser()
+    b200_conftest.add_b200_options(parser)
+    default = parser.parse_known_args([])
+    assert default.path == P.PATH_ONE_GPU == b200_conftest.NodeOptions.path
+    assert (default.calib_samples, default.calib_seq_len, default.amax) == (128, 512, None)
+    chosen = parser.parse_known_args(["--path", "bf16", "--calib-samples", "64", "--amax", "/data/a.st"])
+    assert (chosen.path, chosen.calib_samples, chosen.amax) == (P.PATH_BF16, 64, "/data/a.st")
+
+
+def test_b200_one_gpu_wrappers(tmp_path, tiny_release, monkeypatch):
+    """The default path's tests on fake GPUs and RAM and the micro release's config; the BF16 path's
+    tests skip, naming --path bf16, and the reverse."""
+    config = Checkpoint.open(tiny_release).config
     node = fake_node(tmp_path)
+    need = P.one_gpu_calibration_bytes(config)
+    node_tests.test_gpu_for_calibrate(fake_gpus(1, free_bytes=need), node, config)
+    with pytest.raises(pytest.fail.Exception, match=r"no GPU has .* free for dsv4 calibrate"):
+        node_tests.test_gpu_for_calibrate(fake_gpus(8, free_bytes=need - 1), node, config)
+    monkeypatch.setattr(P, "mem_available", lambda: P.one_gpu_ram_bytes(config))
+    node_tests.test_ram_for_calibrate(node, config)
+    monkeypatch.setattr(P, "mem_available", lambda: P.one_gpu_ram_bytes(config) - 1)
+    with pytest.raises(pytest.fail.Exception, match="dsv4 calibrate needs"):
+        node_tests.test_ram_for_calibrate(node, config)
+    for bf16_only in (
+        lambda: node_tests.test_gpus(fake_gpus(), node),
+        lambda: node_tests.test_ram(fake_gpus(), node, []),
+        lambda: node_tests.test_hf_ptq_dry_run(node),
+        lambda: node_tests.test_canary_slice_dequant_quantize_convert_serve(tiny_release, node),
+    ):
+        with pytest.raises(pytest.skip.Exception, match="checks the one-gpu path \\(--path bf16\\)"):
+            bf16_only()
+    bf16 = fake_node(tmp_path, path=P.PATH_BF16)
+    for one_gpu_only in (
+        lambda: node_tests.test_gpu_for_calibrate(fake_gpus(), bf16, config),
+        lambda: node_tests.test_ram_for_calibrate(bf16, config),
+        lambda: node_tests.test_canary_slice_calibrate_convert_serve(tiny_release, bf16),
+    ):
+        with pytest.raises(pytest.skip.Exception, match="checks the bf16 path \\(--path one-gpu\\)"):
+            one_gpu_only()
+    # an AMAX already written: its work folder no longer counts
+    plan = [(P.STEP_CALIBRATE, 10**18), (P.STEP_CONVERTED_AMAX, 1000)]
+    with pytest.raises(pytest.fail.Exception, match="the run writes"):
+        node_tests.test_disk_for_every_output(node, plan)
+    amax = tmp_path / "amax.safetensors"
+    amax.write_bytes(b"")
+    node_tests.test_disk_for_every_output(fake_node(tmp_path, amax=amax), plan)
+
+
+def test_b200_wrappers_pass_and_fail_with_the_check_messages(tmp_path):
+    node = fake_node(tmp_path, path=P.PATH_BF16)
     node_tests.test_gpus(fake_gpus(), node)
     with pytest.raises(pytest.fail.Exception, match=r"compute capability 9\.0"):
         node_tests.test_gpus(fake_gpus(8, capability=(9, 0)), node)
