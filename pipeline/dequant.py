@@ -39,7 +39,13 @@ from pipeline.checkpoint.folder import files_to_copy, free_disk
 from pipeline.checkpoint.validate import check_read_values
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
-from pipeline.formats import fp8_block_dequantize, mxfp4_dequantize
+from pipeline.formats import (
+    E2M1_MAX,
+    FP8_E4M3_MAX,
+    fp8_block_dequantize,
+    mxfp4_dequantize,
+    ue8m0_products_finite,
+)
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
 from pipeline.step_options import DEFAULT_SHARD_BYTES
@@ -134,9 +140,15 @@ def convert(src: Source, device: torch.device) -> torch.Tensor:
     check_read_values(src.weight, weight)
     if src.fmt == FP8:
         out = fp8_block_dequantize(weight, scale, dtype=torch.bfloat16)
+        largest = FP8_E4M3_MAX
     else:
         out = mxfp4_dequantize(weight, scale, torch.bfloat16)
-    if not bool(torch.isfinite(out).all()):  # finite scales so large the product overflows BF16
+        largest = E2M1_MAX
+    # finite scales so large the product overflows BF16: the largest scale byte rules that out for
+    # every real checkpoint (scales are UE8M0 in both formats), so the pass over every output value
+    # (once 40 % of dequant's CPU time) runs only when the scales cannot rule it out
+    proven = ue8m0_products_finite(scale, largest, torch.bfloat16)
+    if not proven and not bool(torch.isfinite(out).all()):
         raise DsV4Error(
             f"{src.weight.file}: key {src.weight.key}: dequantized to BF16 it holds "
             f"{int((~torch.isfinite(out)).sum())} non-finite value(s): its scale {src.scale.key} is too "
