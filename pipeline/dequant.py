@@ -24,6 +24,7 @@ import torch
 
 from pipeline.checkpoint import (
     CONFIG_NAME,
+    Ahead,
     Checkpoint,
     Layout,
     OutputPlan,
@@ -48,7 +49,7 @@ from pipeline.formats import (
 )
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
-from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.step_options import DEFAULT_SHARD_BYTES, available_cores, default_ahead_bytes
 from pipeline.streaming_step import Step, StepResult, run_step
 
 STEP = "dsv4 dequant"
@@ -157,18 +158,28 @@ def convert(src: Source, device: torch.device) -> torch.Tensor:
     return out.cpu()
 
 
-def make_producer(plan: DequantPlan, device: torch.device, workers: int, progress: Progress | None):
-    """A writer producer that keeps ``workers`` tensors converting ahead of the one being written."""
+def make_producer(
+    plan: DequantPlan,
+    device: torch.device,
+    workers: int,
+    progress: Progress | None,
+    ahead: Ahead | None = None,
+):
+    """A writer producer whose ``workers`` threads convert the tensors after the one being written, as
+    many as ``ahead`` allows (counted in output bytes: BF16 is 3.6x what is read)."""
+    ahead = ahead or Ahead(4 * workers, default_ahead_bytes())
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
         with producer_pool(workers, "dequant") as pool:  # Ctrl-C does not wait for it
             pending: deque = deque()
-            queue = iter(shard.tensors)
-            for planned in queue:
-                pending.append((planned, pool.submit(convert, plan.sources[planned.key], device)))
-                if len(pending) > workers:
-                    yield _finish(pending.popleft(), plan, progress)
-            while pending:
+            tensors, started, in_flight = shard.tensors, 0, 0
+            for _ in tensors:
+                while started < len(tensors) and ahead.room(len(pending), in_flight, tensors[started].nbytes):
+                    planned = tensors[started]
+                    pending.append((planned, pool.submit(convert, plan.sources[planned.key], device)))
+                    in_flight += planned.nbytes
+                    started += 1
+                in_flight -= pending[0][0].nbytes
                 yield _finish(pending.popleft(), plan, progress)
 
     return produce
@@ -186,7 +197,7 @@ def dequant_step(
     src: str | Path,
     *,
     device: str = "auto",
-    workers: int = 2,
+    workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
 ) -> Step:
@@ -206,7 +217,7 @@ def dequant_step(
         inputs=[plan.source],
         output=plan.output,
         read_bytes=plan.read_bytes,
-        producer=lambda meter: make_producer(plan, dev, max(1, workers), meter),
+        producer=lambda meter: make_producer(plan, dev, max(1, workers or available_cores()), meter),
         headline=f"{sum(counts.values())} tensors ({kinds})",
         counts=counts,
         files=files,
@@ -221,7 +232,7 @@ def dequantize_checkpoint(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
-    workers: int = 2,
+    workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
