@@ -1,6 +1,6 @@
 """The streaming steps' throughput against `cp` on the same disk, with peak RSS, measured in one run.
 
-    python bench/steps.py [--steps dequant,experts,full,transcode] [--gib 2] [--shard-gib 1]
+    python bench/stepbench.py [--steps dequant,experts,full,transcode] [--gib 2] [--shard-gib 1]
                           [--device cpu|cuda] [--workers N] [--workdir DIR] [--keep]
 
 (bench/dequant.py and bench/convert.py run the same with their step(s) preselected.)
@@ -278,7 +278,12 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
     parser.add_argument("--recipe", dest="steps", help="the same as --steps (convert's recipes)")
     parser.add_argument("--gib", type=float, default=2.0, help="size of the release checkpoint to build")
     parser.add_argument("--shard-gib", type=float, default=1.0, help="largest shard of the built inputs")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="converter threads (default: the cores available, as the steps)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the built inputs")
@@ -289,6 +294,10 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         help="run each step under `py-spy record` (on PATH) into DIR/<step>.txt; its times are then slower",
     )
     args = parser.parse_args(argv)
+    if args.workers is None:
+        from pipeline.step_options import available_cores
+
+        args.workers = available_cores()
     chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
     if unknown := set(chosen) - set(STEPS):
         parser.error(f"unknown step(s) {sorted(unknown)}; known: {', '.join(STEPS)}")

@@ -4,7 +4,8 @@ layout classification and summaries.
 reader       Checkpoint.open(path), read_header, read_index, read_tensor, locate
 writer       write_checkpoint -> WriteResult (crash-safe, resumable), on the modules below it:
 output_plan  PlannedTensor, ShardPlan, OutputPlan, plan_shards
-producer     per_tensor, producer_pool (a producer's thread pool that does not hold up Ctrl-C)
+producer     per_tensor, producer_pool (a producer's thread pool that does not hold up Ctrl-C), Ahead
+             (how far its jobs run ahead of the writer)
 atomic       write_bytes_atomic, write_json_atomic, copy_file_atomic (temp + fsync + rename)
 lock         LOCK_NAME, one run per output folder
 journal      JOURNAL_NAME, the input fingerprints, what --resume keeps and --overwrite may remove
@@ -22,6 +23,7 @@ import importlib
 # name -> (submodule, its name there). Loaded on first use (PEP 562), so that a module needing only the
 # layout table or the dtype names (`dsv4 validate --help`) does not import torch with the reader.
 _EXPORTS: dict[str, tuple[str, str]] = {
+    "Ahead": ("producer", "Ahead"),
     "CONFIG_NAME": ("reader", "CONFIG_NAME"),
     "Checkpoint": ("reader", "Checkpoint"),
     "DTYPES": ("dtypes", "BY_NAME"),

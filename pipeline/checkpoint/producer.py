@@ -37,3 +37,19 @@ def producer_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+class Ahead:
+    """How far a producer's jobs may run ahead of the writer: at most ``jobs`` jobs and ``budget`` bytes
+    started and not yet handed over, and always the job the writer waits for, however large.
+
+    Counting bytes, not tensors, is what bounds memory when tensors differ in size by 10^6 (a norm
+    and an expert); counting jobs keeps thousands of tiny ones from queueing at once."""
+
+    def __init__(self, jobs: int, budget: int) -> None:
+        self.jobs = max(1, jobs)
+        self.budget = budget
+
+    def room(self, running: int, running_bytes: int, nbytes: int) -> bool:
+        """Whether a job of ``nbytes`` may start beside ``running`` jobs holding ``running_bytes``."""
+        return running == 0 or (running < self.jobs and running_bytes + nbytes <= self.budget)

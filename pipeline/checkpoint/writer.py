@@ -281,6 +281,34 @@ class _BackgroundSha256:
             self._thread.join()
 
 
+class _Writeback:
+    """Starts the kernel's writeback of a shard's bytes while the shard is still being written.
+
+    Left alone, Linux writes dirty pages back only once they pass dirty_background_ratio (10 % of RAM)
+    or age 30 s, so the disk idles while a shard is produced and the shard's closing fsync then waits
+    for most of it: production and disk time add up. Asking for writeback every STEP bytes
+    (posix_fadvise DONTNEED: starts it without waiting, and drops pages already written back, which
+    nothing here reads again) keeps the disk busy during production, and the fsync finds little left.
+    Only when and where the page cache is written changes, never a byte; where the OS lacks
+    posix_fadvise this does nothing.
+    """
+
+    STEP = 64 * 1024 * 1024
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._started = 0  # writeback asked for up to here
+        self._previous = 0  # ... and up to here one step before: by now written back, dropped from cache
+
+    def wrote(self, end: int) -> None:
+        if end - self._started < self.STEP or not hasattr(os, "posix_fadvise"):
+            return
+        os.posix_fadvise(self._fd, self._started, end - self._started, os.POSIX_FADV_DONTNEED)
+        if self._started > self._previous:
+            os.posix_fadvise(self._fd, self._previous, self._started - self._previous, os.POSIX_FADV_DONTNEED)
+        self._previous, self._started = self._started, end
+
+
 def _write_shard(sh: ShardPlan, out: Path, produce: Producer) -> tuple[int, str]:
     final = out / sh.name
     tmp = out / f".{sh.name}{PARTIAL_SUFFIX}"
@@ -291,6 +319,7 @@ def _write_shard(sh: ShardPlan, out: Path, produce: Producer) -> tuple[int, str]
     producing = False  # an OSError raised by the producer (reading its input) is its own, not a write error
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        writeback = _Writeback(fd)
         try:
             atomic._write_all(fd, sh.header_bytes)
             h.update(sh.header_bytes)
@@ -310,6 +339,7 @@ def _write_shard(sh: ShardPlan, out: Path, produce: Producer) -> tuple[int, str]
                 atomic._write_all(fd, data)
                 h.update(data)
                 size += len(data)
+                writeback.wrote(size)
             key = None
             producing = True
             extra = next(items, None)

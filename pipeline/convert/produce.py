@@ -1,36 +1,51 @@
 """The producer of `dsv4 convert`: the writer asks for each shard's tensors in plan order; this runs the
-job behind each (``workers`` ahead, in threads) and hands its outputs over as their turn comes."""
+job behind each (ahead of the writer, in threads) and hands its outputs over as their turn comes."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 
 import torch
 
-from pipeline.checkpoint import ShardPlan, producer_pool
+from pipeline.checkpoint import Ahead, ShardPlan, producer_pool
+from pipeline.step_options import default_ahead_bytes
 
 from .plan import ConvertPlan
 from .runners import RunStats, run_job
 
 
-def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: RunStats, progress):
-    """Writer producer: runs each output's job (``workers`` ahead, in threads), keeping a job's other
-    outputs (an FP8 weight's scale, w3's unified scales) until their turn comes."""
+def make_producer(
+    plan: ConvertPlan,
+    device: torch.device,
+    workers: int,
+    stats: RunStats,
+    progress,
+    ahead: Ahead | None = None,
+):
+    """Writer producer: runs each output's job in ``workers`` threads, starting the jobs of the outputs
+    after the one being written as far as ``ahead`` allows (counted in bytes read), and keeps a job's
+    other outputs (an FP8 weight's scale, w3's unified scales) until their turn comes.
+
+    The window is counted in jobs, not in output keys: a job with several outputs (w1 and w3 of an
+    expert transcoded together: six keys) once used up the whole lookahead, leaving converters idle."""
+    ahead = ahead or Ahead(4 * workers, default_ahead_bytes())
     done: dict[str, torch.Tensor] = {}
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
         with producer_pool(workers, "convert") as pool:  # Ctrl-C does not wait for it
             running: dict[str, Future] = {}
-            pending: deque[str] = deque()
+            in_flight = 0
 
             def start(key: str) -> None:
+                nonlocal in_flight
                 name = plan.job_of[key]
                 if key not in done and name not in running:
                     running[name] = pool.submit(run_job, plan.jobs[name], device, stats)
+                    in_flight += plan.jobs[name].read_bytes
 
             def finish(key: str) -> tuple[str, torch.Tensor]:
+                nonlocal in_flight
                 if key in done:
                     return key, done.pop(key)
                 name = plan.job_of[key]
@@ -38,6 +53,7 @@ def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: 
                 if name not in running:
                     start(key)
                 results = running.pop(name).result()
+                in_flight -= job.read_bytes
                 if progress is not None:
                     progress.advance(job.read_bytes, key)
                 for k, t in zip(job.outputs, results, strict=True):
@@ -45,13 +61,18 @@ def make_producer(plan: ConvertPlan, device: torch.device, workers: int, stats: 
                         done[k] = t
                 return key, results[job.outputs.index(key)]
 
-            for planned in shard.tensors:
-                pending.append(planned.key)
-                start(planned.key)
-                if len(pending) > workers:
-                    yield finish(pending.popleft())
-            while pending:
-                yield finish(pending.popleft())
+            keys = [planned.key for planned in shard.tensors]
+            started = 0
+            for i, key in enumerate(keys):
+                # never behind the key being written: a job started for a key already written would
+                # run again
+                while started < len(keys) and (
+                    started <= i
+                    or ahead.room(len(running), in_flight, plan.jobs[plan.job_of[keys[started]]].read_bytes)
+                ):
+                    start(keys[started])
+                    started += 1
+                yield finish(key)
 
     return produce
 

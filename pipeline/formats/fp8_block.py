@@ -12,9 +12,13 @@ by it, which is exact.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from ._checks import FLOAT_DTYPES, require_dtype, require_finite, require_ndim, require_shape
+from .lookup import lookup_tiles, pair_codes
 from .ue8m0 import ue8m0_decode, ue8m0_encode
 
 FP8_E4M3_MAX = 448.0
@@ -110,6 +114,26 @@ def fp8_block_dequantize(
     require_shape(
         scale, grid, "fp8_block_dequantize(scale)", f"one per {block[0]}x{block[1]} tile of {tuple(q.shape)}"
     )
+    if q.device.type == "cpu" and dtype == torch.bfloat16 and scale.dtype != torch.float32:
+        # `dsv4 dequant`'s path for attention: the arithmetic below, looked up per (scale, e4m3) byte pair
+        codes, tiles = q.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)
+        return lookup_tiles(codes, tiles, block, _bf16_values()).view(torch.bfloat16)
+    return _dequantize_arith(q, scale, block, dtype)
+
+
+@functools.cache
+def _bf16_values() -> np.ndarray:
+    """The BF16 value (as int16) of every (UE8M0 scale byte, e4m3 byte) pair, by the arithmetic: one
+    row of 128-column tiles, tile t holding entries 128t..128t+127, which share scale byte 128t >> 8."""
+    scale, code = pair_codes()
+    q = code.view(torch.float8_e4m3fn).reshape(1, -1)
+    values = _dequantize_arith(q, scale[::128].reshape(1, -1), (128, 128), torch.bfloat16)
+    return values.contiguous().view(torch.int16).reshape(-1).numpy()
+
+
+def _dequantize_arith(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     if scale.dtype == torch.float32 or dtype not in (torch.bfloat16, torch.float32):
         compute, s = torch.float32, scale.float() if scale.dtype == torch.float32 else ue8m0_decode(scale)
     else:
