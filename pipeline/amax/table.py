@@ -187,16 +187,22 @@ def build_table(source: AmaxFile, n_experts: int) -> AmaxTable:
     return table
 
 
-def _share(table: AmaxTable) -> None:
-    groups: dict[tuple[str, str], dict[str, ModuleAmax]] = defaultdict(dict)
-    for name, m in table.modules.items():
+def share_groups(modules) -> dict[tuple[str, str], list[str]]:
+    """(rule name, parent) -> the release modules among ``modules`` that share amax by that rule."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in sorted(modules):
         for rule in SHARE_RULES:
             for member in rule.members:
                 parent = name[: -len(member) - 1]
                 if name.endswith("." + member) and re.fullmatch(rule.parent, parent):
-                    groups[(rule.name, parent)][name] = m
+                    groups[(rule.name, parent)].append(name)
+    return dict(groups)
+
+
+def _share(table: AmaxTable) -> None:
     rules = {r.name: r for r in SHARE_RULES}
-    for (rule_name, parent), members in sorted(groups.items()):
+    for (rule_name, parent), names in sorted(share_groups(table.modules).items()):
+        members = {n: table.modules[n] for n in names}
         for kind in rules[rule_name].kinds:
             values = [v for v in (getattr(m, kind) for m in members.values()) if v is not None]
             if not values or all(v.amax == values[0].amax for v in values):
