@@ -54,6 +54,7 @@ LAYERS: tuple[Layer, ...] = (
         (
             "pipeline.release_layout",
             "pipeline.mapping",
+            "pipeline.amax",
             "pipeline.vllm_config",
             "pipeline.recipes",
             "pipeline.calibration",
@@ -64,7 +65,7 @@ LAYERS: tuple[Layer, ...] = (
             "patches.vllm_plugin",
         ),
         "the decision tables, each with its reasons: the release layout, the key mapping of every"
-        " dialect, the vLLM config rewrite, the quantization recipes and calibration data, hf_ptq's"
+        " dialect, amax files and the rules that resolve them per release module, the vLLM config rewrite, the quantization recipes and calibration data, hf_ptq's"
         " flag contract, the ModelOpt patches and the vLLM plugin's names",
     ),
     Layer(

@@ -1,4 +1,5 @@
-"""`dsv4 convert EXPORT DST`: a ModelOpt NVFP4 export -> the layout vLLM loads (pipeline/convert/)."""
+"""`dsv4 convert EXPORT DST` (a ModelOpt NVFP4 export) or `dsv4 convert RELEASE DST --amax AMAX` (the
+release and an amax file) -> the layout vLLM loads (pipeline/convert/)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,28 @@ copy (the experts recipe) re-rounds every block instead.
 Where an expert's w1 and w3 have different weight_scale_2 (vLLM keeps w1's for the fused w13), both get
 the larger and the other's block scales are re-expressed; the added error is measured and printed.
 
+--amax AMAX: the first argument is the RELEASE, and no export is needed: AMAX is the calibration (one
+safetensors keyed by ModelOpt quantizer names, as `dsv4 quantize` keeps it in <export>.calibration/
+amax.safetensors, or a folder of NVIDIA ptq.py's amax_dict_rank<r>-mp<mp>.pt). The output is what
+dequant -> quantize -> convert would write, byte for byte: --recipe experts (the default) grafts every
+non-expert tensor and requantizes the routed experts from the release's MXFP4 with the calibrated weight
+amax (--experts requantize, the default) or transcodes them (--experts transcode); --recipe full also
+quantizes every module the amax covers (attention, shared experts, compressor, indexer) and maps it as
+convert maps a full-recipe export, and writes no MTP block. Activation scales come from the input amax.
+
 DST is written shard by shard under temporary names, the index last; --resume continues a killed run
-with byte-identical output. EXPORT and RELEASE are only read.
+with byte-identical output (and notices a changed AMAX). EXPORT, RELEASE and AMAX are only read.
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.convert.constants import EXPERT_SOURCES
+    from pipeline.convert.constants import AMAX_EXPERT_SOURCES, AMAX_RECIPES, EXPERT_SOURCES
     from pipeline.mapping import DIALECTS
 
     p = command_parser(subparsers, __name__, SUMMARY, DESCRIPTION)
-    p.add_argument("export", help="ModelOpt export directory (from dsv4 quantize or hf_ptq)")
+    p.add_argument(
+        "export", help="ModelOpt export directory (from dsv4 quantize or hf_ptq), or with --amax the RELEASE"
+    )
     p.add_argument("dst", help="output directory (new or empty; see --resume/--overwrite)")
     p.add_argument(
         "--graft-from", metavar="RELEASE", help="release checkpoint to take non-expert tensors from"
@@ -61,11 +73,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--experts",
-        choices=EXPERT_SOURCES,
-        default="export",
-        help="where the routed experts' NVFP4 weights come from: the export as quantized, or "
+        choices=sorted(set(EXPERT_SOURCES) | set(AMAX_EXPERT_SOURCES)),
+        default=None,
+        help="where the routed experts' NVFP4 weights come from: 'export', as quantized (without --amax), "
         "'transcode': the release's MXFP4 re-expressed as NVFP4, bit-exact where the exponents fit, with "
-        "the export's calibrated activation scales (needs --graft-from)",
+        "the calibrated activation scales (needs --graft-from or --amax), or 'requantize' (with --amax): "
+        "the release's MXFP4 through BF16 to NVFP4 with the calibrated weight amax; when not given, "
+        "'export', or with --amax 'requantize'",
+    )
+    p.add_argument(
+        "--amax",
+        metavar="AMAX",
+        help="convert from the release (the first argument) and this amax file or NVIDIA amax folder: no "
+        "export needed",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=AMAX_RECIPES,
+        default="experts",
+        help="with --amax: what the calibration quantized (experts: routed experts only; full: every "
+        "module the amax file covers)",
     )
     add_target_vllm(p)
     add_streaming_options(p)
@@ -76,7 +103,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.convert import convert_checkpoint, dry_run_table, plan_convert
 
     options = dict(
-        experts=args.experts, graft_from=args.graft_from, dialect=args.dialect, target_vllm=args.target_vllm
+        experts=args.experts,
+        graft_from=args.graft_from,
+        dialect=args.dialect,
+        target_vllm=args.target_vllm,
+        amax=args.amax,
+        recipe=args.recipe,
     )
     if args.dry_run:
         plan = plan_convert(

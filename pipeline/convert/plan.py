@@ -3,15 +3,14 @@ config files, and every export key left out with why.
 
 :func:`plan_convert` reads as its steps: validate the inputs, map every export key (pipeline.mapping),
 build the jobs (pipeline/convert/jobs.py), settle the output layout, rewrite the config
-(pipeline.vllm_config.fix_config), list the files copied and the export keys no job reads.
+(pipeline.vllm_config.fix_config), list the files copied and the export keys no job reads. With
+``amax`` its first argument is the release instead, and the jobs come from the release's headers and the
+amax table (pipeline/convert/amax_plan.py).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import mapping as M
@@ -19,95 +18,21 @@ from pipeline.checkpoint import (
     CONFIG_NAME,
     Checkpoint,
     Layout,
-    OutputPlan,
-    PlannedTensor,
     TensorInfo,
     ensure_valid,
-    plan_shards,
 )
 from pipeline.checkpoint.folder import files_to_copy
 from pipeline.checkpoint.reader import read_json_object
 from pipeline.errors import DsV4Error
-from pipeline.provenance import code_digest
 from pipeline.step_options import DEFAULT_SHARD_BYTES
 from pipeline.vllm_config import DEFAULT_TARGET, HF_QUANT_CONFIG, FixResult, fix_config, layout_config
 
 from .constants import EXPERT_SOURCES, REPORT_NAME, STEP
 from .jobs import Job, JobTable, add_export_jobs, add_fallback_input_scale_jobs, add_graft_jobs
+from .planned import ConvertPlan
 
 # files of an export that the output writes itself instead of copying them
 _REWRITTEN = (CONFIG_NAME, HF_QUANT_CONFIG, REPORT_NAME)
-
-
-@dataclass
-class ConvertPlan:
-    export: Path
-    release: Path | None
-    dialect: str
-    mapping: M.Plan
-    layout: dict[str, M.TargetTensor]  # what is written (the target layout, less an absent MTP block)
-    jobs: dict[str, Job]  # by name
-    job_of: dict[str, str]  # output key -> job name
-    dropped: list[tuple[str, str]]  # (export key, why it is not written)
-    omitted: list[tuple[str, str]]  # (target key, why the output lacks it)
-    config: dict  # the output's config.json
-    hf_quant_config: dict | None
-    config_changes: list
-    extra_files: list[Path]
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES
-
-    @property
-    def read_bytes(self) -> int:
-        return sum(j.read_bytes for j in self.jobs.values())
-
-    @property
-    def has_mtp(self) -> bool:
-        return any(k.startswith("mtp.") for k in self.layout)
-
-    def output(self) -> OutputPlan:
-        planned = [PlannedTensor(t.key, t.dtype, t.shape) for t in self.layout.values()]
-        return plan_shards(planned, max_shard_bytes=self.max_shard_bytes)
-
-    def counts(self) -> Counter[tuple[str, str, str]]:
-        """(source, rule, action) -> number of output tensors."""
-        out: Counter[tuple[str, str, str]] = Counter()
-        for key in self.layout:
-            job = self.jobs[self.job_of[key]]
-            source = "release" if job.action in (M.GRAFT, M.TRANSCODE) else "export"
-            out[(source, job.rule, job.action)] += 1
-        return out
-
-    def report(self) -> dict:
-        """The deterministic part of the record written beside the output (no timings, no paths)."""
-        dropped_by: Counter[str] = Counter(why for _, why in self.dropped)
-        return {
-            "step": STEP,
-            "code": code_digest(),
-            "dialect": self.dialect,
-            "grafted_from_release": self.release is not None,
-            "outputs_by_source_rule_action": [
-                {"source": s, "rule": r, "action": a, "tensors": n}
-                for (s, r, a), n in sorted(self.counts().items())
-            ],
-            "dropped_export_keys": [{"reason": why, "keys": n} for why, n in sorted(dropped_by.items())],
-            "omitted_target_keys": [
-                {"reason": why, "keys": n, "example": next(k for k, w in self.omitted if w == why)}
-                for why, n in sorted(Counter(why for _, why in self.omitted).items())
-            ],
-            "num_nextn_predict_layers": self.config.get("num_nextn_predict_layers"),
-            "config_changes": [_compact_change(c.to_json()) for c in self.config_changes],
-        }
-
-
-def _compact_change(change: dict, limit: int = 400) -> dict:
-    """A config change for the report: values longer than ``limit`` characters of JSON (V4 Pro's
-    quantized_layers map lists 71k experts) are summarised by their size; config.json has them whole."""
-    out = dict(change)
-    for side in ("before", "after"):
-        text = json.dumps(out.get(side), sort_keys=True)
-        if len(text) > limit:
-            out[side] = f"<{len(text)} characters of JSON; see the file>"
-    return out
 
 
 def plan_convert(
@@ -119,14 +44,42 @@ def plan_convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     scale_sample: int | None = None,
-    experts: str = "export",
+    experts: str | None = None,
+    amax: str | Path | None = None,
+    recipe: str = "experts",
 ) -> ConvertPlan:
     """Validate the export (and the release to graft from), map every key, and plan every output tensor
     from headers alone. Raises DsV4Error naming every problem before anything is written.
     ``scale_sample``: how many scale tensors validation reads (default: the validator's sample; 0 for
     headers only, as the full-scale tests on sparse replicas need). ``experts``: "export" (the routed
     experts' NVFP4 weights as quantized) or "transcode" (from the release's MXFP4, bit-exact where the
-    exponents fit; the export supplies only the activation scales; needs ``graft_from``)."""
+    exponents fit; the export supplies only the activation scales; needs ``graft_from``).
+
+    ``amax`` (an amax file: ours or NVIDIA's): ``export_dir`` is the release, and everything comes from
+    it and the amax (pipeline/convert/amax_plan.py); ``recipe`` (experts or full) and ``experts``
+    (requantize, the default, or transcode) say what is quantized."""
+    if amax is not None:
+        from .amax_plan import plan_from_release
+
+        if graft_from is not None:
+            raise DsV4Error(
+                f"{STEP}: with --amax the release is the first argument; --graft-from is not taken"
+            )
+        return plan_from_release(
+            export_dir,
+            amax,
+            recipe=recipe,
+            experts=experts or "requantize",
+            target_vllm=target_vllm,
+            max_shard_bytes=max_shard_bytes,
+            full_scales=full_scales,
+            scale_sample=scale_sample,
+        )
+    if recipe != "experts":
+        raise DsV4Error(
+            f"{STEP}: --recipe is read only with --amax (an export already says what it quantized)"
+        )
+    experts = experts or "export"
     export, release = _validated_inputs(export_dir, graft_from, experts, full_scales, scale_sample)
     release_config = release.config if release is not None else None
     release_where = str(release.root / CONFIG_NAME) if release is not None else "source config"

@@ -22,7 +22,9 @@ from pipeline.checkpoint.validate import check_read_values
 from pipeline.errors import DsV4Error
 from pipeline.formats import (
     NVFP4_BLOCK,
+    fp8_block_dequantize,
     fp8_block_quantize,
+    mxfp4_dequantize,
     mxfp4_to_nvfp4,
     nvfp4_dequantize,
     nvfp4_global_scale,
@@ -176,6 +178,57 @@ def _run_bf16_to_nvfp4(job: Job, t: list[torch.Tensor], device: torch.device, st
     return tuple(out)
 
 
+# ---- from the release and an amax file (dsv4 convert RELEASE --amax) --------------------------------
+# Each composes the steps of the export path on the same values: dsv4 dequant's exact BF16, ModelOpt's
+# NVFP4 rule with the calibrated weight_scale_2 (nvfp4_quantize is ModelOpt 0.47's, bit for bit), then
+# convert's own runner for what an export's tensor becomes. So the bytes are the export path's.
+
+
+def _global_scale(amax: float | None, weights: list[torch.Tensor]) -> torch.Tensor:
+    """weight_scale_2 = amax / (6*448) in float32; with no amax (NVIDIA's dumps may lack one), the amax
+    ModelOpt would calibrate: the largest |w| over the group (w1 with w3)."""
+    if amax is None:
+        return nvfp4_global_scale(torch.stack([w.float().abs().amax() for w in weights]).amax())
+    return nvfp4_global_scale(torch.tensor(amax, dtype=torch.float32, device=weights[0].device))
+
+
+def _run_requantize_expert(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    t = _to(device, *t)
+    weights = [mxfp4_dequantize(t[i], t[i + 1], torch.bfloat16) for i in range(0, len(t), 2)]
+    global_scale = _global_scale(job.params[0], weights)  # one for w1 and w3: vLLM's w13 keeps w1's
+    out = []
+    for w in weights:
+        packed, block, _ = nvfp4_quantize(w, weight_scale_2=global_scale)
+        out += [packed, block, global_scale.clone()]
+    return tuple(out)
+
+
+def _via_nvfp4(w: torch.Tensor, amax: float | None) -> list[torch.Tensor]:
+    packed, block, global_scale = nvfp4_quantize(w, weight_scale_2=_global_scale(amax, [w]))
+    return [packed, block, global_scale]
+
+
+def _run_fp8_via_nvfp4(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    weight, scale = _to(device, *t)
+    bf16 = fp8_block_dequantize(weight, scale, dtype=torch.bfloat16)
+    return _run_nvfp4_to_fp8(job, _via_nvfp4(bf16, job.params[0]), device, stats)
+
+
+def _run_bf16_via_nvfp4(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    (w,) = _to(device, *t)
+    return _run_nvfp4_to_bf16(job, _via_nvfp4(w, job.params[0]), device, stats)
+
+
+def _run_fp8_requant(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    weight, scale = _to(device, *t)
+    return _run_bf16_to_fp8(job, [fp8_block_dequantize(weight, scale, dtype=torch.bfloat16)], device, stats)
+
+
+def _run_input_scale(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
+    # ModelOpt: amax.float() / (maxbound * 448), float32 throughout
+    return (nvfp4_global_scale(torch.tensor(job.params[0], dtype=torch.float32)),)
+
+
 def _run_constant(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     return (torch.tensor(job.params[0], dtype=torch.float32),)
 
@@ -196,6 +249,11 @@ RUNNERS: dict[str, Callable] = {
     M.TRANSCODE: _run_transcode,
     M.FALLBACK_INPUT_SCALE: _run_constant,
     M.BF16_TO_NVFP4: _run_bf16_to_nvfp4,
+    M.REQUANTIZE_EXPERT: _run_requantize_expert,
+    M.INPUT_SCALE: _run_input_scale,
+    M.FP8_VIA_NVFP4: _run_fp8_via_nvfp4,
+    M.BF16_VIA_NVFP4: _run_bf16_via_nvfp4,
+    M.FP8_REQUANT: _run_fp8_requant,
 }
 
 

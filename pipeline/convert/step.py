@@ -58,7 +58,9 @@ def convert_step(
     workers: int = 2,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
-    experts: str = "export",
+    experts: str | None = None,
+    amax: str | Path | None = None,
+    recipe: str = "experts",
 ) -> Step:
     """Validate and plan (:func:`plan_convert`): the step that :func:`pipeline.streaming_step.run_step`
     runs."""
@@ -70,6 +72,8 @@ def convert_step(
         target_vllm=target_vllm,
         max_shard_bytes=max_shard_bytes,
         full_scales=full_scales,
+        amax=amax,
+        recipe=recipe,
     )
     dev = resolve_device(device)
     stats = RunStats()
@@ -85,12 +89,17 @@ def convert_step(
     return Step(
         name="convert",
         plan=plan,
-        inputs=[plan.export] + ([plan.release] if plan.release else []),
+        # the amax file too: --resume must notice a changed one (journal fingerprints files and folders)
+        inputs=[p for p in (plan.export, plan.release) if p is not None] + ([Path(amax)] if amax else []),
         output=plan.output(),
         read_bytes=plan.read_bytes,
         producer=lambda meter: make_producer(plan, dev, max(1, workers), stats, meter),
-        headline=f"{len(plan.layout)} tensors from a dialect-{plan.dialect} export"
-        + (" + the release" if plan.release else ""),
+        headline=(
+            f"{len(plan.layout)} tensors from the release + a {plan.amax['format']} amax file"
+            if plan.amax
+            else f"{len(plan.layout)} tensors from a dialect-{plan.dialect} export"
+            + (" + the release" if plan.release else "")
+        ),
         counts=plan.counts(),
         stats=stats,
         files=files,
@@ -113,9 +122,12 @@ def convert_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
-    experts: str = "export",
+    experts: str | None = None,
+    amax: str | Path | None = None,
+    recipe: str = "experts",
 ) -> StepResult:
-    """Validate and plan (:func:`plan_convert`), then write the converted checkpoint to ``dst``."""
+    """Validate and plan (:func:`plan_convert`), then write the converted checkpoint to ``dst``. With
+    ``amax``, ``export_dir`` is the release (``dsv4 convert RELEASE DST --amax AMAX``)."""
     options = dict(
         graft_from=graft_from,
         dialect=dialect,
@@ -125,6 +137,8 @@ def convert_checkpoint(
         max_shard_bytes=max_shard_bytes,
         full_scales=full_scales,
         experts=experts,
+        amax=amax,
+        recipe=recipe,
     )
     return run_step(
         lambda: convert_step(export_dir, **options),

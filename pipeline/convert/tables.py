@@ -14,8 +14,9 @@ from .plan import ConvertPlan
 def rule_table(plan: ConvertPlan) -> str:
     rows = sorted(plan.counts().items())
     width = max((len(r) for (_, r, _), _ in rows), default=4)
-    lines = [f"  {'source':<8} {'rule':<{width}}  {'action':<24} tensors"]
-    lines += [f"  {s:<8} {r:<{width}}  {a:<24} {n:>7}" for (s, r, a), n in rows]
+    act = max([24, *(len(a) for (_, _, a), _ in rows)])
+    lines = [f"  {'source':<8} {'rule':<{width}}  {'action':<{act}} tensors"]
+    lines += [f"  {s:<8} {r:<{width}}  {a:<{act}} {n:>7}" for (s, r, a), n in rows]
     drops = Counter(why for _, why in plan.dropped)
     lines += [f"  dropped  {n:>5} export key(s): {why}" for why, n in sorted(drops.items())]
     return "\n".join(lines)
@@ -24,10 +25,15 @@ def rule_table(plan: ConvertPlan) -> str:
 def dry_run_table(plan: ConvertPlan, dst: str | Path) -> str:
     probe, free = free_disk(dst)
     output = plan.output()
-    lines = [
-        f"convert plan: {plan.export} (dialect {plan.dialect})"
+    source = (
+        f"{plan.release} + a {plan.amax['format']} amax file (recipe {plan.amax['recipe']}, experts "
+        f"{plan.amax['experts']})"
+        if plan.amax
+        else f"{plan.export} (dialect {plan.dialect})"
         + (f" + graft from {plan.release}" if plan.release else "")
-        + f" -> {dst}",
+    )
+    lines = [
+        f"convert plan: {source} -> {dst}",
         rule_table(plan),
         f"  read {plan.read_bytes / 1e9:.2f} GB; output {len(output.shards)} shard(s), "
         f"{output.total_bytes / 1e9:.2f} GB; {free / 1e9:.2f} GB free at {probe}",

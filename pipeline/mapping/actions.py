@@ -27,6 +27,13 @@ GRAFT = "graft"
 TRANSCODE = "mxfp4->nvfp4-transcode"
 FALLBACK_INPUT_SCALE = "fallback-input-scale"
 BF16_TO_NVFP4 = "bf16->nvfp4"
+# Actions of `dsv4 convert RELEASE --amax AMAX` (no export: the release and an amax file supply everything).
+# Each reproduces what ModelOpt's export and today's convert do to the same tensor, from the release.
+REQUANTIZE_EXPERT = "mxfp4->bf16->nvfp4"
+INPUT_SCALE = "amax->input-scale"
+FP8_VIA_NVFP4 = "fp8-block->bf16->nvfp4->fp8-block"
+BF16_VIA_NVFP4 = "bf16->nvfp4->bf16"
+FP8_REQUANT = "fp8-block->bf16->fp8-block"
 ACTION_NAMES: dict[str, str] = {
     COPY: "bytes as they are",
     KEEP_NVFP4: "routed-expert NVFP4 tensor kept as exported",
@@ -43,6 +50,20 @@ ACTION_NAMES: dict[str, str] = {
     "power-of-two NVFP4 scales (pipeline.formats.mxfp4_to_nvfp4; exact where the exponents fit e4m3)",
     FALLBACK_INPUT_SCALE: "input_scale of an expert no calibration saw (transformers has no MTP module): the "
     "largest calibrated input_scale of the same projection in the export (NVIDIA's fallback)",
+    REQUANTIZE_EXPERT: "a routed expert from the release's MXFP4, dequantized to BF16 (exactly, as dsv4 dequant "
+    "does) and quantized to NVFP4 with weight_scale_2 = weight amax / (6*448) from the amax file (w1 and w3 "
+    "sharing the larger): what ModelOpt's export writes for the BF16 copy (--amax, --experts requantize)",
+    INPUT_SCALE: "an expert's input_scale = input amax / (6*448) in float32, as ModelOpt's export computes it, "
+    "from the amax file (or, for an expert no calibration saw, NVIDIA's fallback: the largest calibrated "
+    "input amax of its projection)",
+    FP8_VIA_NVFP4: "--amax --recipe full: a release FP8 weight dequantized to BF16, quantized to NVFP4 with its "
+    "weight amax (what ModelOpt's full-recipe export holds), then to FP8 128x128 tiles with UE8M0 scales "
+    "(what convert does to that export: vLLM reads these layers as FP8 block)",
+    BF16_VIA_NVFP4: "--amax --recipe full: a release BF16 weight (compressor, indexer weights_proj) quantized "
+    "to NVFP4 with its weight amax, then dequantized to BF16 (vLLM builds these layers unquantized)",
+    FP8_REQUANT: "--amax --recipe full: a release FP8 weight no quantizer covers (wo_a, a grouped linear "
+    "ModelOpt leaves BF16) dequantized to BF16 and quantized to FP8 tiles again, as convert does to the "
+    "full recipe's BF16 wo_a (on UE8M0-tiled values this gives back the release's bytes)",
 }
 
 # Source forms, from (suffix, stored dtype).

@@ -79,8 +79,9 @@ def test_rule_and_action_tables_are_well_formed():
     pairs = [(a.form, a.target_fmt, a.where) for a in M.ACTIONS]
     assert len(set(pairs)) == len(pairs)
     # every action has a meaning; the ones no source form decides: CAST and UNIFY_W13 (decide_action),
-    # and the source choices of dsv4 convert --graft-from
+    # the source choices of dsv4 convert --graft-from, and the actions of dsv4 convert --amax
     beyond_forms = {M.CAST, M.UNIFY_W13, M.GRAFT, M.TRANSCODE, M.FALLBACK_INPUT_SCALE}
+    beyond_forms |= {M.REQUANTIZE_EXPERT, M.INPUT_SCALE, M.FP8_VIA_NVFP4, M.BF16_VIA_NVFP4, M.FP8_REQUANT}
     assert {a.action for a in M.ACTIONS} | beyond_forms == set(M.ACTION_NAMES)
 
 
