@@ -30,6 +30,23 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "release", s
         return dequantize_checkpoint(src, out_dir, progress=False, overwrite=True).out_dir
 
 
+# Files the one-GPU path (convert RELEASE --amax) and the BF16 path (convert EXPORT) write differently
+# by design: convert's report (how the output was made), the journal (it fingerprints its own inputs),
+# and the export's own files that convert copies (the quantize run's report, transformers' generation
+# config), which the release path has no export to copy from. Every other file must be the same bytes.
+PATH_SPECIFIC_FILES = frozenset(
+    {"dsv4-convert-report.json", ".dsv4-progress.json", "dsv4-quantize-report.json", "generation_config.json"}
+)
+
+
+def differing_files(
+    a: str | os.PathLike, b: str | os.PathLike, ignore: frozenset[str] = frozenset()
+) -> set[str]:
+    """Relative names of the files that are in only one of ``a`` and ``b``, or differ, less ``ignore``."""
+    da, db = tree_digest(a), tree_digest(b)
+    return {k for k in da.keys() | db.keys() if da.get(k) != db.get(k)} - ignore
+
+
 def tree_digest(path: str | os.PathLike) -> dict[str, str]:
     """{relative file name: sha256 of (size, data extents)} for every file under ``path``.
 

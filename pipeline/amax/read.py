@@ -22,6 +22,8 @@ from pipeline.errors import DsV4Error, one_line
 DSV4, NVIDIA = "dsv4", "nvidia"  # the two formats
 NVIDIA_FILE = re.compile(r"amax_dict_rank(?P<rank>\d+)-mp(?P<mp>\d+)\.pt")
 QUANTIZE_REPORT = "dsv4-quantize-report.json"  # written beside amax.safetensors by dsv4 quantize
+# dsv4 calibrate's header metadata: one JSON document under this key (its versions among it)
+CALIBRATE_METADATA_KEY = "dsv4_calibrate"
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,17 @@ def _read_dsv4(path: Path) -> AmaxFile:
         raise DsV4Error(f"{path}: not a readable safetensors amax file ({err})") from None
     if not entries:
         raise DsV4Error(f"{path}: holds no amax")
-    return AmaxFile(
-        path, DSV4, (path,), entries, meta.get("nvidia-modelopt") or _quantize_report_version(path)
-    )
+    return AmaxFile(path, DSV4, (path,), entries, _calibrate_version(meta) or _quantize_report_version(path))
+
+
+def _calibrate_version(meta: dict[str, str]) -> str | None:
+    """The ModelOpt version that calibrated a ``dsv4 calibrate`` AMAX file, from its header metadata."""
+    try:
+        versions = json.loads(meta[CALIBRATE_METADATA_KEY]).get("versions") or {}
+    except (KeyError, ValueError, AttributeError):
+        return None
+    v = versions.get("nvidia-modelopt") if isinstance(versions, dict) else None
+    return v if isinstance(v, str) else None
 
 
 def _quantize_report_version(path: Path) -> str | None:

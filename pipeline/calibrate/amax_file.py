@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.amax.read import CALIBRATE_METADATA_KEY
 from pipeline.checkpoint import write_bytes_atomic
 from pipeline.errors import DsV4Error
 
 WRITER = "dsv4 calibrate"
-METADATA_KEY = "dsv4_calibrate"
+METADATA_KEY = CALIBRATE_METADATA_KEY  # the key pipeline.amax reads the versions from
 
 
 def encode_metadata(metadata: dict) -> dict[str, str]:

@@ -17,10 +17,13 @@ DESCRIPTION = """\
 The whole pipeline on the built-in micro DeepSeek V4, on this machine: the README's main job.
 
 It builds a deterministic tiny checkpoint in the release layout (FP8 attention, MXFP4 experts,
-hash/sliding/CSA/HCA layers, an MTP block), validates it, dequantizes it with `dsv4 dequant`, quantizes
-the BF16 copy with real ModelOpt for both recipes, converts each export into the layout vLLM loads with
-`dsv4 convert` (the experts recipe grafted onto the release, as NVIDIA does), and scores each converted
-checkpoint against the BF16 model: transformers' DeepseekV4ForCausalLM in float32 with the weights vLLM
+hash/sliding/CSA/HCA layers, an MTP block) and validates it. Then the one-GPU path, as the node runs it:
+`dsv4 calibrate` (ModelOpt calibration one decoder layer at a time, weights dequantized from the release
+in memory) for both recipes, and `dsv4 convert RELEASE --amax` straight into the layout vLLM loads
+(experts requantized, experts transcoded, full). Then the BF16 path the seed notes ran (`dsv4 dequant`,
+`dsv4 quantize` on the whole BF16 model, `dsv4 convert` of the export), whose output must be the same
+bytes: e2e stops if one file differs (--skip-bf16-path leaves it out). Each converted checkpoint is
+scored against the BF16 model: transformers' DeepseekV4ForCausalLM in float32 with the weights vLLM
 would compute with (harness/vllm_view.py: FP8 tiles dequantized, NVFP4 experts with w1's global scale
 for the fused w13). The converted checkpoints (--workdir keeps them) are for checking what vLLM loads,
 not for serving: `dsv4 serve` refuses the micro model, and e2e prints why.
@@ -38,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default="micro", choices=["micro", "vllm-shaped"], help="tiny model")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tiny model's weights")
+    p.add_argument(
+        "--skip-bf16-path",
+        action="store_true",
+        help="do not run the BF16 path (dequant -> whole-model quantize -> convert) beside the one-GPU path "
+        "to check that it writes the same bytes",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise DsV4Error(f"{work}: not empty; pass a new --workdir")
     work.mkdir(parents=True, exist_ok=True)
     print(f"dsv4 e2e: {args.preset} model, seed {args.seed}, in {work}")
-    scores = run_e2e(work, args.preset, args.seed)
+    scores = run_e2e(work, args.preset, args.seed, bf16_path=not args.skip_bf16_path)
     print("\nrecipe     KL(BF16 || converted)  top-1 agreement   (4x64 tokens; weights as vLLM loads them)")
     for name, score in scores.items():
         print(f"{name:<10} {score['kl']:21.4f}  {score['top1']:15.3f}")

@@ -95,9 +95,9 @@ def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -
         p.add_argument(
             "--workers",
             type=int,
-            default=2,
+            default=None,
             metavar="N",
-            help="tensors converted ahead of the writer, in threads",
+            help="converter threads running ahead of the writer; unset: one per core this process may use",
         )
     p.add_argument(
         "--max-shard-gib",

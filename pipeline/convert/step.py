@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import CONFIG_NAME
 from pipeline.device import resolve_device
-from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.step_options import DEFAULT_SHARD_BYTES, available_cores
 from pipeline.streaming_step import Step, StepResult, run_step
 from pipeline.vllm_config import DEFAULT_TARGET, HF_QUANT_CONFIG
 from pipeline.vllm_config import dumps as config_dumps
@@ -55,7 +55,7 @@ def convert_step(
     dialect: str | None = None,
     target_vllm: str = DEFAULT_TARGET,
     device: str = "auto",
-    workers: int = 2,
+    workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     experts: str | None = None,
@@ -93,7 +93,7 @@ def convert_step(
         inputs=[p for p in (plan.export, plan.release) if p is not None] + ([Path(amax)] if amax else []),
         output=plan.output(),
         read_bytes=plan.read_bytes,
-        producer=lambda meter: make_producer(plan, dev, max(1, workers), stats, meter),
+        producer=lambda meter: make_producer(plan, dev, max(1, workers or available_cores()), stats, meter),
         headline=(
             f"{len(plan.layout)} tensors from the release + a {plan.amax['format']} amax file"
             if plan.amax
@@ -118,7 +118,7 @@ def convert_checkpoint(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
-    workers: int = 2,
+    workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,

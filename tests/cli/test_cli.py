@@ -124,7 +124,10 @@ def test_help_shows_the_defaults_that_say_something(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "largest output shard, GiB of tensor data (default: 5.0)" in text
     assert "(default: False)" not in text and "(default: None)" not in text
-    assert re.search(r"--workers N\s+tensors converted ahead of the writer, in threads \(default: 2\)", text)
+    assert re.search(
+        r"--workers N\s+converter threads running ahead of the writer; unset: one per core this process may use",
+        text,
+    )
 
 
 def test_target_vllm_is_one_option_everywhere():

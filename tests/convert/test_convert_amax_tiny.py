@@ -26,14 +26,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.checkpoints import tree_digest
+from harness.checkpoints import PATH_SPECIFIC_FILES, differing_files
 from pipeline.checkpoint import JOURNAL_NAME
 from pipeline.convert import REPORT_NAME, convert_checkpoint
 
 pytestmark = [pytest.mark.tiny, pytest.mark.quant]
 
 # files the two paths write differently, by design (module docstring); everything else must be equal
-BY_DESIGN = {REPORT_NAME, JOURNAL_NAME, "dsv4-quantize-report.json", "generation_config.json"}
+BY_DESIGN = PATH_SPECIFIC_FILES
+
+
+def test_the_path_specific_files_name_converts_own_report_and_journal():
+    assert {REPORT_NAME, JOURNAL_NAME} <= BY_DESIGN
+
+
 # (case, ModelOpt recipe, today's convert options, convert --amax options)
 CASES = {
     "experts": ("experts", {"graft": True}, {"recipe": "experts"}),
@@ -69,11 +75,6 @@ def both_paths(modelopt_exports, micro_release, tmp_path_factory):
         ).out_dir
         out[case] = (old, new)
     return out
-
-
-def differing_files(a: Path, b: Path) -> set[str]:
-    da, db = tree_digest(a), tree_digest(b)
-    return {k for k in da.keys() | db.keys() if da.get(k) != db.get(k)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -54,3 +54,44 @@ def test_canary_serve_checks_accept_the_converted_slice(canary):
     printed = P.run_step(P.CanaryStep("serve-print", [*steps[4].argv, "--print"], 120), work / "logs")
     assert printed.ok, printed.tail
     assert "--tensor-parallel-size 4" in printed.tail
+
+
+@pytest.fixture(scope="module")
+def one_gpu_canary(micro_release: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The one-GPU canary (harness/preflight.one_gpu_canary_steps, what `pytest -m b200` runs by default):
+    (workdir, steps, results of slice -> calibrate -> convert --amax) on the micro release, on CPU."""
+    work = tmp_path_factory.mktemp("canary-one-gpu")
+    release = clone_replica(micro_release, work / "release")
+    (release / "tokenizer.json").write_text("{}")
+    steps = P.one_gpu_canary_steps(release, work, layers=2, experts=2, device="cpu", tensor_parallel=4)
+    results = []
+    for step in steps[:3]:
+        results.append(P.run_step(step, work / "logs"))
+        if not results[-1].ok:
+            break
+    return work, steps, results
+
+
+def test_one_gpu_canary_slice_calibrate_convert(one_gpu_canary):
+    work, _, results = one_gpu_canary
+    for r in results:
+        assert r.ok, f"{r.name}: exit {r.returncode}\n{r.tail}"
+    assert [r.name for r in results] == ["slice", "calibrate", "convert"]
+    report = validate_checkpoint(work / "converted", full_scales=True, expect=Layout.NVFP4)
+    assert report.ok, report.problems
+    converted = Checkpoint.open(work / "converted")
+    assert converted.config["n_routed_experts"] == 2 and converted.config["num_hidden_layers"] == 2
+    # the experts requantized with the calibrated amax, the MTP block's transcoded from the slice
+    assert any(
+        k.startswith("layers.1.ffn.experts.1.w13") or k.startswith("layers.1.ffn.experts.1.w1")
+        for k in converted.tensors
+    )
+    assert any(k.startswith("mtp.0.ffn.experts.1.") for k in converted.tensors)
+
+
+def test_one_gpu_canary_serve_checks_accept_the_converted_slice(one_gpu_canary):
+    work, steps, results = one_gpu_canary
+    assert all(r.ok for r in results)
+    printed = P.run_step(P.CanaryStep("serve-print", [*steps[3].argv, "--print"], 120), work / "logs")
+    assert printed.ok, printed.tail
+    assert "--tensor-parallel-size 4" in printed.tail
