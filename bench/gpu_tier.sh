@@ -12,7 +12,10 @@
 #                                 has the checkout), then bench/formats.py, bench/dequant.py and
 #                                 bench/convert.py (experts, full, transcode) on CUDA and CPU, each with
 #                                 cp and peak RSS beside it; results go to OUT (default: $OUT or
-#                                 gpu-tier-out); PARTS: tests formats dequant convert (default: all)
+#                                 gpu-tier-out); PARTS: tests formats dequant convert (default: these),
+#                                 layer (bench/layer_bench.py: one full-size V4 Pro layer calibrated and
+#                                 converted on the GPU, ~17 GiB of disk), steps (bench/stepbench.py, every
+#                                 step in one run per device)
 #
 # Targets Python 3.12 (the wheels are cp312 where it matters). Nothing here is asserted on timings.
 set -euo pipefail
@@ -58,6 +61,13 @@ run() {
     DSV4_REQUIRE=gpu,quant python3 -m pytest -m gpu -p no:cacheprovider -q -rs -s \
       --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
   fi
+  if [[ "$parts" == *" layer "* ]]; then  # one full-size V4 Pro layer: calibrate and convert --amax (issue 16)
+    python3 bench/layer_bench.py --device cuda 2>&1 | tee "$out/bench-layer-cuda.txt"
+  fi
+  if [[ "$parts" == *" steps "* ]]; then  # every streaming step in one bench run per device (issue 15)
+    python3 bench/stepbench.py --device cuda 2>&1 | tee "$out/bench-steps-cuda.txt"
+    python3 bench/stepbench.py --device cpu 2>&1 | tee "$out/bench-steps-cpu.txt"
+  fi
   if [[ "$parts" == *" formats "* ]]; then
     python3 bench/formats.py --device cuda 2>&1 | tee "$out/bench-formats-cuda.txt"
   fi
@@ -76,5 +86,5 @@ run() {
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

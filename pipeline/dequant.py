@@ -127,8 +127,10 @@ def bf16_config(config: dict) -> dict:
     return out
 
 
-def convert(src: Source, device: torch.device) -> torch.Tensor:
-    """The output tensor for one source: dequantized to BF16, or the stored tensor unchanged."""
+def convert(src: Source, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:
+    """The output tensor for one source: dequantized to BF16, or the stored tensor unchanged; on the CPU
+    (for the writer), or left on ``device`` with ``keep_on_device`` (dsv4 calibrate puts it in the layer
+    there: a V4 Pro layer is 48 GiB of BF16, which a round trip through host memory would copy twice)."""
     weight = read_tensor(src.weight)
     if src.fmt == PLAIN:
         check_read_values(src.weight, weight)
@@ -155,7 +157,7 @@ def convert(src: Source, device: torch.device) -> torch.Tensor:
             f"{int((~torch.isfinite(out)).sum())} non-finite value(s): its scale {src.scale.key} is too "
             "large for BF16; the checkpoint is damaged (re-download it)"
         )
-    return out.cpu()
+    return out if keep_on_device else out.cpu()
 
 
 def make_producer(

@@ -108,7 +108,7 @@ def load_tensor(model, placer: Placer, src: Source, device: torch.device) -> tor
     placed = placer.place(src.weight.key)
     if placed is None or placed.expert is not None:
         raise DsV4Error(f"{src.weight.file}: key {src.weight.key}: transformers' model has no tensor for it")
-    value = convert(src, device).to(device=device, dtype=placed.dtype)
+    value = convert(src, device, keep_on_device=True).to(device=device, dtype=placed.dtype)
     _set(model, placed.target, value)
     return value
 
@@ -137,7 +137,7 @@ def load_layer(
     parts: dict[str, int] = {}
     filled: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for src, placed in placements:
-        value = convert(src, device)
+        value = convert(src, device, keep_on_device=True)
         if placed.expert is None:
             _set(model, placed.target, value.to(device=device, dtype=placed.dtype))
             continue
