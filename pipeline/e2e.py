@@ -32,7 +32,7 @@ def require_quant_extras() -> None:
 
 def _step(name: str, start: float, detail: str) -> float:
     now = time.perf_counter()
-    print(f"  {name:<46} {now - start:6.1f} s  {detail}", file=terminal_stdout(), flush=True)
+    print(f"  {name:<56} {now - start:6.1f} s  {detail}", file=terminal_stdout(), flush=True)
     return now
 
 
