@@ -1,7 +1,8 @@
-"""The node's canary (harness/preflight.canary_steps) run as the b200 preflight runs it, each step a
-`dsv4` subprocess, on the micro release on CPU: slice -> dequant -> quantize -> convert, then `dsv4 serve
---print`, which runs serve's own checks on the converted slice without starting vLLM. The commands, their
-flags and the hand-over between steps work before the node runs them on the real release."""
+"""The node's canaries (harness/preflight) run as the b200 preflight runs them, each step a `dsv4`
+subprocess, on the micro release on CPU: slice -> calibrate -> convert --amax (the one-GPU path, the
+preflight's default) and slice -> dequant -> quantize -> convert (the BF16 path), then `dsv4 serve
+--print`, which runs serve's own checks on the converted slice without starting vLLM. The commands,
+their flags and the hand-over between steps work before the node runs them on the real release."""
 
 from __future__ import annotations
 
@@ -17,20 +18,26 @@ from pipeline.release_layout import release_tensors
 pytestmark = [pytest.mark.tiny, pytest.mark.quant]
 
 
-@pytest.fixture(scope="module")
-def canary(micro_release: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(workdir, steps, results of steps 1-4) on a copy of the micro release with a tokenizer file."""
-    work = tmp_path_factory.mktemp("canary")
+def run_canary(micro_release: Path, work: Path, make_steps, upto: int):
+    """(steps, results of the first ``upto`` steps, stopping at a failure) of the canary ``make_steps``
+    builds, on a copy of the micro release with a tokenizer file, on CPU."""
     release = clone_replica(micro_release, work / "release")
     (release / "tokenizer.json").write_text("{}")  # serve wants one; the micro model has no tokenizer
     # tensor parallel 4: the micro model has 4 attention heads (the node's is 8 of 128)
-    steps = P.canary_steps(release, work, layers=2, experts=2, device="cpu", tensor_parallel=4)
+    steps = make_steps(release, work, layers=2, experts=2, device="cpu", tensor_parallel=4)
     results = []
-    for step in steps[:4]:
+    for step in steps[:upto]:
         results.append(P.run_step(step, work / "logs"))
         if not results[-1].ok:
             break
-    return work, steps, results
+    return steps, results
+
+
+@pytest.fixture(scope="module")
+def canary(micro_release: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(workdir, steps, results of steps 1-4) of the BF16 path's canary."""
+    work = tmp_path_factory.mktemp("canary")
+    return (work, *run_canary(micro_release, work, P.canary_steps, 4))
 
 
 def test_canary_slice_dequant_quantize_convert(canary):
@@ -59,17 +66,9 @@ def test_canary_serve_checks_accept_the_converted_slice(canary):
 @pytest.fixture(scope="module")
 def one_gpu_canary(micro_release: Path, tmp_path_factory: pytest.TempPathFactory):
     """The one-GPU canary (harness/preflight.one_gpu_canary_steps, what `pytest -m b200` runs by default):
-    (workdir, steps, results of slice -> calibrate -> convert --amax) on the micro release, on CPU."""
+    (workdir, steps, results of slice -> calibrate -> convert --amax)."""
     work = tmp_path_factory.mktemp("canary-one-gpu")
-    release = clone_replica(micro_release, work / "release")
-    (release / "tokenizer.json").write_text("{}")
-    steps = P.one_gpu_canary_steps(release, work, layers=2, experts=2, device="cpu", tensor_parallel=4)
-    results = []
-    for step in steps[:3]:
-        results.append(P.run_step(step, work / "logs"))
-        if not results[-1].ok:
-            break
-    return work, steps, results
+    return (work, *run_canary(micro_release, work, P.one_gpu_canary_steps, 3))
 
 
 def test_one_gpu_canary_slice_calibrate_convert(one_gpu_canary):
