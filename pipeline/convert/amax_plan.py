@@ -20,14 +20,12 @@ from pipeline.checkpoint.folder import files_to_copy
 from pipeline.errors import DsV4Error
 from pipeline.mapping.transformers_config import transformers_saved_config
 from pipeline.step_options import DEFAULT_SHARD_BYTES
-from pipeline.vllm_config import HF_QUANT_CONFIG, FixResult, fix_config, layout_config
+from pipeline.vllm_config import FixResult, fix_config, layout_config
 
 from .amax_jobs import add_amax_jobs, amax_layout, check_coverage
-from .constants import AMAX_EXPERT_SOURCES, AMAX_RECIPES, REPORT_NAME, STEP
+from .constants import AMAX_EXPERT_SOURCES, AMAX_RECIPES, STEP
 from .jobs import JobTable
-from .planned import ConvertPlan
-
-_REWRITTEN = (CONFIG_NAME, HF_QUANT_CONFIG, REPORT_NAME)
+from .planned import NOT_COPIED_SUFFIXES, REWRITTEN, ConvertPlan, announce_no_mtp
 
 
 def plan_from_release(
@@ -75,9 +73,7 @@ def plan_from_release(
         config=fixed.config,
         hf_quant_config=fixed.hf_quant_config,
         config_changes=list(fixed.changes),
-        extra_files=files_to_copy(
-            release.root, rewritten=_REWRITTEN, skip_suffixes=(".safetensors", ".orig", ".partial")
-        ),
+        extra_files=files_to_copy(release.root, rewritten=REWRITTEN, skip_suffixes=NOT_COPIED_SUFFIXES),
         max_shard_bytes=max_shard_bytes,
         amax=amax_summary(amax, recipe, experts, ignored),
     )
@@ -104,8 +100,8 @@ def _output_config(
     """config.json and hf_quant_config.json, as today's path writes them from the export's."""
     cfg = transformers_saved_config(release.config)
     source_cfg: dict | None = release.config
-    if recipe == "full":  # no MTP block written: the config must not announce one (as plan._output_config)
-        cfg["num_nextn_predict_layers"] = 0
+    if recipe == "full":  # no MTP block written
+        announce_no_mtp(cfg)
         source_cfg = None
     # what the rewrite reads from an export's hf_quant_config.json: ModelOpt's producer entry (the
     # ModelOpt that calibrated the amax, where the file records it) and no KV-cache quantization

@@ -27,12 +27,11 @@ from pipeline.errors import DsV4Error
 from pipeline.step_options import DEFAULT_SHARD_BYTES
 from pipeline.vllm_config import DEFAULT_TARGET, HF_QUANT_CONFIG, FixResult, fix_config, layout_config
 
-from .constants import EXPERT_SOURCES, REPORT_NAME, STEP
+from .constants import EXPERT_SOURCES, STEP
 from .jobs import Job, JobTable, add_export_jobs, add_fallback_input_scale_jobs, add_graft_jobs
-from .planned import ConvertPlan
+from .planned import NOT_COPIED_SUFFIXES, REWRITTEN, ConvertPlan, announce_no_mtp
 
 # files of an export that the output writes itself instead of copying them
-_REWRITTEN = (CONFIG_NAME, HF_QUANT_CONFIG, REPORT_NAME)
 
 
 def plan_convert(
@@ -176,10 +175,7 @@ def _output_config(
     cfg = copy.deepcopy(export.config)
     mtp_blocks = {k.split(".")[1] for k in mplan.layout if k.startswith("mtp.")}
     if mtp_blocks and not any(k.startswith("mtp.") for k in out_layout):
-        # no MTP weights: the output must not announce an MTP block (vLLM would build its draft model)
-        cfg["num_nextn_predict_layers"] = 0
-        if isinstance(cfg.get("compress_ratios"), list):
-            cfg["compress_ratios"] = cfg["compress_ratios"][: cfg["num_hidden_layers"]]
+        announce_no_mtp(cfg)
         source_cfg = None
     else:
         source_cfg = release.config if release is not None else None
@@ -198,9 +194,7 @@ def _output_config(
 
 def _copied_files(export: Checkpoint) -> list[Path]:
     """The export's other files (tokenizer, generation config, ...), copied unchanged."""
-    return files_to_copy(
-        export.root, rewritten=_REWRITTEN, skip_suffixes=(".safetensors", ".orig", ".partial")
-    )
+    return files_to_copy(export.root, rewritten=REWRITTEN, skip_suffixes=NOT_COPIED_SUFFIXES)
 
 
 def _dropped(export: Checkpoint, mplan: M.Plan, jobs: dict[str, Job]) -> list[tuple[str, str]]:

@@ -11,12 +11,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import mapping as M
-from pipeline.checkpoint import OutputPlan, PlannedTensor, plan_shards
+from pipeline.checkpoint import CONFIG_NAME, OutputPlan, PlannedTensor, plan_shards
 from pipeline.provenance import code_digest
 from pipeline.step_options import DEFAULT_SHARD_BYTES
+from pipeline.vllm_config import HF_QUANT_CONFIG
 
-from .constants import STEP
+from .constants import REPORT_NAME, STEP
 from .jobs import Job
+
+# files of an input (export or release) that the output writes itself instead of copying them; with the
+# suffixes never copied. Both plans (plan.py from an export, amax_plan.py from the release) copy by them.
+REWRITTEN = (CONFIG_NAME, HF_QUANT_CONFIG, REPORT_NAME)
+NOT_COPIED_SUFFIXES = (".safetensors", ".orig", ".partial")
+
+
+def announce_no_mtp(cfg: dict) -> None:
+    """An output without MTP weights must not announce an MTP block (vLLM would build its draft model):
+    no next-n layer, and a compress ratio per decoder layer only."""
+    cfg["num_nextn_predict_layers"] = 0
+    if isinstance(cfg.get("compress_ratios"), list):
+        cfg["compress_ratios"] = cfg["compress_ratios"][: cfg["num_hidden_layers"]]
 
 
 @dataclass
