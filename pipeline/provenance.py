@@ -26,3 +26,17 @@ def code_digest(root: Path | None = None) -> str:
             h.update(path.relative_to(root).as_posix().encode() + b"\0")
             h.update(path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def run_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """What a run records of what ran it: each installed package's version, this package's version and
+    the digest of its code (steps write it into their reports and files)."""
+    from importlib.metadata import version
+
+    from pipeline import __version__
+
+    return {
+        **{name: version(name) for name in packages},
+        "dsv4-nvfp4": __version__,
+        "dsv4-code": code_digest(),
+    }

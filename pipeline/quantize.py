@@ -126,13 +126,9 @@ def check_output_paths(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
+    from pipeline.provenance import run_versions
 
-    from pipeline import __version__
-    from pipeline.provenance import code_digest
-
-    versions = {name: version(name) for name in ("nvidia-modelopt", "transformers", "torch")}
-    return {**versions, "dsv4-nvfp4": __version__, "dsv4-code": code_digest()}
+    return run_versions(("nvidia-modelopt", "transformers", "torch"))
 
 
 def load_bf16_model(src: Path, device: torch.device):

@@ -144,13 +144,9 @@ def _release_config(release: Path) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
+    from pipeline.provenance import run_versions
 
-    from pipeline import __version__
-    from pipeline.provenance import code_digest
-
-    found = {name: version(name) for name in ("nvidia-modelopt", "transformers", "torch", "safetensors")}
-    return {**found, "dsv4-nvfp4": __version__, "dsv4-code": code_digest()}
+    return run_versions(("nvidia-modelopt", "transformers", "torch", "safetensors"))
 
 
 def _batches(release: Path, vocab: int, opts: CalibrateOptions) -> tuple[list[torch.Tensor], dict]:
