@@ -169,11 +169,26 @@ def _weight_of(model, name: str) -> torch.Tensor:
     return model.get_submodule(name.rsplit(".", 1)[0]).weight
 
 
-def apply_fallbacks(model, found: dict[str, torch.nn.Module]) -> list[Fallback]:
-    """Give every enabled weight/input quantizer without a usable amax NVIDIA's fallback."""
-    enabled = {
+def enabled_quantizers(found: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The enabled weight and input quantizers: those whose amax the export turns into scales."""
+    return {
         n: q for n, q in found.items() if q.is_enabled and ("weight_quantizer" in n or "input_quantizer" in n)
     }
+
+
+def amax_snapshot(found: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every quantizer's amax as AMAX_FILE holds it (float32 on the CPU), by ModelOpt's module name:
+    dsv4 quantize's calibration snapshot, and dsv4 calibrate's AMAX file, layer by layer."""
+    return {
+        n: q._amax.detach().float().cpu().contiguous()
+        for n, q in found.items()
+        if getattr(q, "_amax", None) is not None
+    }
+
+
+def apply_fallbacks(model, found: dict[str, torch.nn.Module]) -> list[Fallback]:
+    """Give every enabled weight/input quantizer without a usable amax NVIDIA's fallback."""
+    enabled = enabled_quantizers(found)
     missing = [n for n, q in enabled.items() if not _has_amax(q)]
     out: list[Fallback] = []
     for name in missing:
@@ -217,12 +232,7 @@ def save_state(model, found: dict[str, torch.nn.Module], state_dir: Path, report
     tmp = state_dir.with_name(f".{state_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    amax = {
-        n: q._amax.detach().float().cpu().contiguous()
-        for n, q in found.items()
-        if getattr(q, "_amax", None) is not None
-    }
-    save_file(amax, tmp / AMAX_FILE)
+    save_file(amax_snapshot(found), tmp / AMAX_FILE)
     torch.save(mto.modelopt_state(model), tmp / STATE_FILE)
     (tmp / REPORT_NAME).write_text(report.to_json())
     for f in tmp.iterdir():

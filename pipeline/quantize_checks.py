@@ -16,13 +16,13 @@ QUANT_PACKAGES: tuple[tuple[str, str], ...] = (
 )
 
 
-def require_quant_env() -> None:
+def require_quant_env(step: str = "dsv4 quantize") -> None:
     """ModelOpt and transformers are the `quant` extra, not the base install: say so instead of an
     ImportError traceback from deep inside the step."""
     absent = [package for module, package in QUANT_PACKAGES if importlib.util.find_spec(module) is None]
     if absent:
         raise DsV4Error(
-            f"dsv4 quantize needs {' and '.join(absent)}, not installed in {sys.executable}: "
+            f"{step} needs {' and '.join(absent)}, not installed in {sys.executable}: "
             "pip install -e '.[quant]' (in its own venv: ModelOpt and vLLM do not share one)"
         )
 

@@ -49,7 +49,7 @@ def calibrate_layer(
 ) -> LayerResult:
     import modelopt.torch.quantization as mtq
 
-    from pipeline.quantize import apply_fallbacks, quantizers
+    from pipeline.quantize import amax_snapshot, apply_fallbacks, enabled_quantizers, quantizers
     from pipeline.recipes import recipe_config
 
     holder = _holder(index, layer)
@@ -75,12 +75,4 @@ def calibrate_layer(
         )
     found = quantizers(holder)
     fallbacks = apply_fallbacks(holder, found)
-    amax = {
-        name: q._amax.detach().float().cpu().contiguous()
-        for name, q in found.items()
-        if getattr(q, "_amax", None) is not None
-    }
-    enabled = sum(
-        1 for n, q in found.items() if q.is_enabled and ("weight_quantizer" in n or "input_quantizer" in n)
-    )
-    return LayerResult(amax, outputs, fallbacks, enabled)
+    return LayerResult(amax_snapshot(found), outputs, fallbacks, len(enabled_quantizers(found)))

@@ -4,12 +4,9 @@ release, to one amax file (pipeline/calibrate/)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 from pipeline.cli.options import add_device, command_parser
-from pipeline.errors import DsV4Error
 
 SUMMARY = "release -> amax of every quantizer, one layer at a time on one device (no BF16 copy)"
 
@@ -66,23 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _require_quant_env() -> None:
-    absent = [
-        pkg
-        for mod, pkg in (("modelopt", "nvidia-modelopt"), ("transformers", "transformers"))
-        if importlib.util.find_spec(mod) is None
-    ]
-    if absent:
-        raise DsV4Error(
-            f"dsv4 calibrate needs {' and '.join(absent)}, not installed in {sys.executable}: "
-            "pip install -e '.[quant]' (in its own venv: ModelOpt and vLLM do not share one)"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.calibrate import CalibrateOptions, calibrate_release
+    from pipeline.quantize_checks import require_quant_env
 
-    _require_quant_env()
+    require_quant_env("dsv4 calibrate")
     opts = CalibrateOptions(
         recipe=args.recipe,
         calib_file=args.calib,

@@ -31,8 +31,6 @@ from .constants import EXPERT_SOURCES, STEP
 from .jobs import Job, JobTable, add_export_jobs, add_fallback_input_scale_jobs, add_graft_jobs
 from .planned import NOT_COPIED_SUFFIXES, REWRITTEN, ConvertPlan, announce_no_mtp
 
-# files of an export that the output writes itself instead of copying them
-
 
 def plan_convert(
     export_dir: str | Path,

@@ -92,7 +92,6 @@ def test_bad_options_are_refused(tiny_release, tmp_path, options, match):
 
 def test_every_option_reaches_the_step(monkeypatch, tmp_path, capsys):
     import pipeline.calibrate as calibrate
-    import pipeline.cli.calibrate as cli
 
     seen = {}
 
@@ -109,7 +108,9 @@ def test_every_option_reaches_the_step(monkeypatch, tmp_path, capsys):
             complete=True,
         )
 
-    monkeypatch.setattr(cli, "_require_quant_env", lambda: None)
+    import pipeline.quantize_checks
+
+    monkeypatch.setattr(pipeline.quantize_checks, "require_quant_env", lambda step: None)
     monkeypatch.setattr(calibrate, "calibrate_release", fake)
     argv = ["calibrate", "REL", "A.safetensors", "--recipe", "full", "--calib", "c.jsonl", "--samples", "8"]
     argv += ["--seq-len", "256", "--batch", "2", "--seed", "3", "--device", "cpu", "--restart", "--quiet"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipeline import mapping as M
 from pipeline.checkpoint import Checkpoint, validate_checkpoint
 from pipeline.convert import convert_checkpoint, plan_convert
 from pipeline.errors import DsV4Error
@@ -69,7 +70,9 @@ def test_transcode_takes_only_the_input_amax(tiny_release, tmp_path):
     only_inputs = tmp_path / "inputs.safetensors"
     save_file(inputs, only_inputs)
     plan = plan_convert(tiny_release, amax=only_inputs, experts="transcode")
-    assert len(plan.layout) and config["n_routed_experts"]
+    expert_weights = [k for k in plan.layout if re.search(r"\.ffn\.experts\.\d+\.w[123]\.weight$", k)]
+    assert len(expert_weights) >= 3 * config["n_routed_experts"] * config["num_hidden_layers"]
+    assert {plan.jobs[plan.job_of[k]].action for k in expert_weights} == {M.TRANSCODE}
     with pytest.raises(
         DsV4Error, match=re.escape(f"{only_inputs}: ") + ".*no weight amax for layers.0.ffn.experts.0.w1"
     ):

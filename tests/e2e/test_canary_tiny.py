@@ -6,13 +6,16 @@ their flags and the hand-over between steps work before the node runs them on th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from harness import preflight as P
 from harness.replica import clone_replica
+from pipeline import mapping as M
 from pipeline.checkpoint import Checkpoint, Layout, validate_checkpoint
+from pipeline.convert import REPORT_NAME
 from pipeline.release_layout import release_tensors
 
 pytestmark = [pytest.mark.tiny, pytest.mark.quant]
@@ -80,11 +83,12 @@ def test_one_gpu_canary_slice_calibrate_convert(one_gpu_canary):
     assert report.ok, report.problems
     converted = Checkpoint.open(work / "converted")
     assert converted.config["n_routed_experts"] == 2 and converted.config["num_hidden_layers"] == 2
-    # the experts requantized with the calibrated amax, the MTP block's transcoded from the slice
-    assert any(
-        k.startswith("layers.1.ffn.experts.1.w13") or k.startswith("layers.1.ffn.experts.1.w1")
-        for k in converted.tensors
-    )
+    # the experts requantized with the calibrated amax (the report's action per output), the MTP block's
+    # transcoded from the slice
+    report = json.loads((work / "converted" / REPORT_NAME).read_text())
+    actions = {r["action"] for r in report["outputs_by_source_rule_action"]}
+    assert {M.REQUANTIZE_EXPERT, M.TRANSCODE} <= actions, actions
+    assert any(k.startswith("layers.1.ffn.experts.1.w1.") for k in converted.tensors)
     assert any(k.startswith("mtp.0.ffn.experts.1.") for k in converted.tensors)
 
 
