@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import Layout, ensure_valid, read_config
+from pipeline.checkpoint import Layout, ensure_valid, is_within, read_config
 from pipeline.checkpoint.writer import output_lock
 from pipeline.console import begin_log, third_party_output
 from pipeline.device import resolve_device
@@ -89,10 +89,6 @@ def state_dir_for(dst: Path) -> Path:
     return dst.with_name(dst.name + STATE_SUFFIX)
 
 
-def _is_within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def _vocab_size(src: Path) -> int:
     config = read_config(src) or {}
     vocab = config.get("vocab_size")
@@ -103,7 +99,7 @@ def _vocab_size(src: Path) -> int:
 
 def check_output_paths(src: Path, dst: Path, overwrite: bool) -> None:
     s, d = src.resolve(), dst.resolve()
-    if _is_within(d, s) or _is_within(s, d):
+    if is_within(d, s) or is_within(s, d):
         raise DsV4Error(f"{dst}: refusing to write the export inside (or around) the source {src}")
     if d.exists() and not d.is_dir():
         raise DsV4Error(f"{dst}: exists and is not a directory; the export is a directory, pick another DST")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import Layout, ensure_valid, read_config
+from pipeline.checkpoint import Layout, ensure_valid, is_within, read_config
 from pipeline.checkpoint.journal import fingerprint_inputs
 from pipeline.checkpoint.writer import output_lock
 from pipeline.console import begin_log, third_party_output
@@ -100,13 +100,9 @@ def log_path_for(amax: Path) -> Path:
     return amax.with_name(amax.name + LOG_SUFFIX)
 
 
-def _within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
 def check_paths(release: Path, amax: Path, overwrite: bool) -> None:
     r, a = release.resolve(), amax.resolve()
-    if _within(a, r):
+    if is_within(a, r):
         raise DsV4Error(
             f"{amax}: refusing to write AMAX inside the release {release}; never write into an input"
         )

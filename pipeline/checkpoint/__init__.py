@@ -31,6 +31,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "JOURNAL_NAME": ("journal", "JOURNAL_NAME"),
     "LOCK_NAME": ("lock", "LOCK_NAME"),
     "Layout": ("layout", "Layout"),
+    "is_within": ("writer", "is_within"),
     "LayoutInfo": ("layout", "LayoutInfo"),
     "OutputPlan": ("output_plan", "OutputPlan"),
     "PlannedTensor": ("output_plan", "PlannedTensor"),

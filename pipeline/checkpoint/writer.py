@@ -80,7 +80,8 @@ class WriteResult:
     total_bytes: int
 
 
-def _is_within(child: Path, parent: Path) -> bool:
+def is_within(child: Path, parent: Path) -> bool:
+    """``child`` is ``parent`` or lies under it (both resolved by the caller): an output inside an input."""
     return child == parent or parent in child.parents
 
 
@@ -123,11 +124,11 @@ def write_checkpoint(
     out = Path(out_dir).resolve()
     input_dirs = [Path(inp).resolve() for inp in inputs]
     for inp_r in input_dirs:
-        if _is_within(out, inp_r):
+        if is_within(out, inp_r):
             raise DsV4Error(
                 f"{out}: refusing to write the output inside the input {inp_r}; choose another directory"
             )
-        if _is_within(inp_r, out):
+        if is_within(inp_r, out):
             raise DsV4Error(
                 f"{out}: refusing to write the output into a directory that contains the input {inp_r}"
             )
