@@ -25,6 +25,7 @@ from pipeline.formats import (
     fp8_block_dequantize,
     fp8_block_quantize,
     mxfp4_dequantize,
+    mxfp4_requantize_nvfp4,
     mxfp4_to_nvfp4,
     nvfp4_dequantize,
     nvfp4_global_scale,
@@ -194,13 +195,16 @@ def _global_scale(amax: float | None, weights: list[torch.Tensor]) -> torch.Tens
 
 def _run_requantize_expert(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     t = _to(device, *t)
-    weights = [mxfp4_dequantize(t[i], t[i + 1], torch.bfloat16) for i in range(0, len(t), 2)]
-    global_scale = _global_scale(job.params[0], weights)  # one for w1 and w3: vLLM's w13 keeps w1's
-    out = []
-    for w in weights:
-        packed, block, _ = nvfp4_quantize(w, weight_scale_2=global_scale)
-        out += [packed, block, global_scale.clone()]
-    return tuple(out)
+    pairs = [(t[i], t[i + 1]) for i in range(0, len(t), 2)]
+    if job.params[0] is None:  # the global amax of the BF16 weights themselves: they are needed whole
+        weights = [mxfp4_dequantize(packed, scale, torch.bfloat16) for packed, scale in pairs]
+        global_scale = _global_scale(None, weights)
+        quantized = [nvfp4_quantize(w, weight_scale_2=global_scale)[:2] for w in weights]
+    else:  # the same bytes without the BF16 weights (pipeline.formats.requantize)
+        global_scale = _global_scale(job.params[0], [t[0]])
+        quantized = [mxfp4_requantize_nvfp4(packed, scale, global_scale) for packed, scale in pairs]
+    # one global scale for w1 and w3: vLLM's w13 keeps w1's
+    return tuple(x for packed, block in quantized for x in (packed, block, global_scale.clone()))
 
 
 def _via_nvfp4(w: torch.Tensor, amax: float | None) -> list[torch.Tensor]:
