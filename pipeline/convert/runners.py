@@ -26,12 +26,11 @@ from pipeline.formats import (
     fp8_block_quantize,
     mxfp4_dequantize,
     mxfp4_requantize_nvfp4,
-    mxfp4_to_nvfp4,
+    mxfp4_to_nvfp4_shared,
     nvfp4_dequantize,
     nvfp4_global_scale,
     nvfp4_quantize,
     nvfp4_rescale,
-    transcode_exponent,
 )
 from pipeline.formats.e2m1 import decode_packed
 from pipeline.formats.fp8_block import STRIP_ELEMENTS
@@ -159,10 +158,9 @@ def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: Run
 def _run_transcode(job: Job, t: list[torch.Tensor], device: torch.device, stats: RunStats):
     t = _to(device, *t)
     pairs = [(t[i], t[i + 1]) for i in range(0, len(t), 2)]
-    m = transcode_exponent(*pairs)  # shared by w1 and w3: vLLM keeps w1's weight_scale_2 for w13
     out = []
-    for packed, scale in pairs:
-        q, ws, ws2, report = mxfp4_to_nvfp4(packed, scale, m)
+    # one m for w1 and w3: vLLM keeps w1's weight_scale_2 for w13
+    for q, ws, ws2, report in mxfp4_to_nvfp4_shared(*pairs):
         stats.transcode.add(report)
         out += [q, ws, ws2]
     return tuple(out)

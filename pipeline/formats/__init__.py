@@ -17,7 +17,7 @@ from .fp8_block import FP8_E4M3_MAX, fp8_block_dequantize, fp8_block_quantize, t
 from .mxfp4 import MXFP4_BLOCK, mxfp4_dequantize, mxfp4_quantize, mxfp4_to_fp8_block
 from .nvfp4 import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, nvfp4_rescale
 from .requantize import mxfp4_requantize_nvfp4
-from .transcode import TranscodeReport, mxfp4_to_nvfp4, transcode_exponent
+from .transcode import TranscodeReport, mxfp4_to_nvfp4, mxfp4_to_nvfp4_shared, transcode_exponent
 from .ue8m0 import as_e8m0, ue8m0_decode, ue8m0_encode, ue8m0_products_finite
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "mxfp4_requantize_nvfp4",
     "mxfp4_to_fp8_block",
     "mxfp4_to_nvfp4",
+    "mxfp4_to_nvfp4_shared",
     "nvfp4_dequantize",
     "nvfp4_global_scale",
     "nvfp4_quantize",

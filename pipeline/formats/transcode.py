@@ -23,6 +23,7 @@ with ``transcode_exponent(scale_w1, scale_w3)`` and pass it to both.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,13 @@ class TranscodeReport:
         return self.requantized_blocks == 0
 
 
+@functools.cache
+def _pow2_e4m3(device: torch.device) -> torch.Tensor:
+    """The e4m3 bytes of 2^-9 .. 2^8 (uint8 [18]): entry i is 2^(i - 9), each exact in e4m3."""
+    exps = torch.arange(E4M3_MIN_POW2, E4M3_MAX_POW2 + 1, dtype=torch.float32)
+    return torch.exp2(exps).to(torch.float8_e4m3fn).view(torch.uint8).to(device)
+
+
 def _block_exponents(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(k per 32-block as int32, mask of blocks holding a nonzero code)."""
     raw = scale.view(torch.uint8)
@@ -74,20 +82,23 @@ def _nonzero_blocks(packed: torch.Tensor) -> torch.Tensor:
     p = packed.contiguous().view(torch.uint8)
     blocks = p.unflatten(-1, (-1, MXFP4_BLOCK // 2))
     if p.storage_offset() % 8 == 0 and p.numel():
-        return (blocks.view(torch.int64) & _MAGNITUDES_8).ne(0).any(dim=-1)
+        words = blocks.view(torch.int64)  # [..., blocks, 2]: a block's 16 bytes as two words
+        return ((words[..., 0] | words[..., 1]) & _MAGNITUDES_8).ne(0)
     return (blocks & 0x77).ne(0).any(dim=-1)  # a view that starts off an 8-byte boundary
 
 
 def transcode_exponent(*scales_and_packed: tuple[torch.Tensor, torch.Tensor]) -> int:
     """m = k_max - 8 over every nonzero block of the given (packed, scale) pairs (w1 and w3 together);
     0 when every block is zero."""
-    k_max = None
-    for packed, scale in scales_and_packed:
-        k, nonzero = _block_exponents(packed, scale)
-        if bool(nonzero.any()):
-            top = int(k[nonzero].max())
-            k_max = top if k_max is None else max(k_max, top)
-    return 0 if k_max is None else k_max - E4M3_MAX_POW2
+    return _shared_exponent([_block_exponents(packed, scale) for packed, scale in scales_and_packed])
+
+
+def _shared_exponent(exponents: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    tops = [
+        int(torch.where(nonzero, k, k.new_tensor(-(1 << 30))).max()) for k, nonzero in exponents if k.numel()
+    ]
+    top = max(tops, default=-(1 << 30))
+    return 0 if top == -(1 << 30) else top - E4M3_MAX_POW2
 
 
 def mxfp4_to_nvfp4(
@@ -95,11 +106,30 @@ def mxfp4_to_nvfp4(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TranscodeReport]:
     """[..., out, in/2] int8 MXFP4 + [..., out, in/32] UE8M0 -> (packed uint8 [..., in/2], weight_scale
     e4m3 [..., in/16], weight_scale_2 float32 == 2^m, report). ``m`` defaults to transcode_exponent of
-    this tensor alone; pass a shared one for w1/w3."""
+    this tensor alone; pass a shared one for w1/w3 (or transcode them with :func:`mxfp4_to_nvfp4_shared`).
+    The packed codes returned share memory with ``packed`` where every block is exact."""
     _check_mxfp4(packed, scale, "mxfp4_to_nvfp4")
-    k, nonzero = _block_exponents(packed, scale)
-    if m is None:
-        m = transcode_exponent((packed, scale))
+    exponents = _block_exponents(packed, scale)
+    return _transcode(packed, *exponents, _shared_exponent([exponents]) if m is None else m)
+
+
+def mxfp4_to_nvfp4_shared(
+    *pairs: tuple[torch.Tensor, torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, TranscodeReport]]:
+    """mxfp4_to_nvfp4 of each (packed, scale) pair under one m, transcode_exponent of them all (w1 and w3
+    of an expert); each tensor's block exponents are found once."""
+    for packed, scale in pairs:
+        _check_mxfp4(packed, scale, "mxfp4_to_nvfp4")
+    exponents = [_block_exponents(packed, scale) for packed, scale in pairs]
+    m = _shared_exponent(exponents)
+    return [
+        _transcode(packed, k, nonzero, m) for (packed, _), (k, nonzero) in zip(pairs, exponents, strict=True)
+    ]
+
+
+def _transcode(
+    packed: torch.Tensor, k: torch.Tensor, nonzero: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TranscodeReport]:
     rel = k - m  # block scale exponent relative to 2^m
     too_large = nonzero & (rel > E4M3_MAX_POW2)
     if bool(too_large.any()):
@@ -108,23 +138,25 @@ def mxfp4_to_nvfp4(
             f"(k - m must be <= {E4M3_MAX_POW2}); use transcode_exponent() over every tensor sharing m"
         )
     below = nonzero & (rel < E4M3_MIN_POW2)
-    exact = nonzero & ~below
-    # e4m3 block scales: 2^rel where exact, 2^-9 below the window, 1 for all-zero blocks
-    block_exp = torch.where(exact, rel, torch.where(below, E4M3_MIN_POW2, 0)).float()
-    block_scale = torch.exp2(block_exp).to(torch.float8_e4m3fn)
+    # e4m3 block scales: 2^rel where exact, 2^-9 below the window, 1 for all-zero blocks; by table, from
+    # the exponent clamped into the window (exactly what it is where exact, the window's floor below)
+    block_exp = torch.where(nonzero, rel.clamp(E4M3_MIN_POW2, E4M3_MAX_POW2), 0)
+    block_scale = _pow2_e4m3(packed.device)[block_exp - E4M3_MIN_POW2].view(torch.float8_e4m3fn)
     weight_scale = block_scale.repeat_interleave(MXFP4_BLOCK // NVFP4_BLOCK, dim=-1)
     weight_scale_2 = torch.tensor(2.0**m, dtype=torch.float32, device=packed.device)
 
-    out = packed.view(torch.uint8).clone()
+    out = packed.view(torch.uint8)
+    requantized = int(below.sum())
+    nonzero_blocks = int(nonzero.sum())
     max_err, err_sq, total_sq = 0.0, 0.0, 0.0
-    if bool(below.any()):
+    if requantized:
         # [..., blocks, 32]: the MXFP4 values, block by block. Only needed here: without a requantized
         # block the error is 0 and so is the relative error, whatever the weight's norm (it used to be
         # computed anyway, 8 bytes of float32 per packed byte, most of an exact transcode's time)
         values = decode_packed(packed).unflatten(-1, (-1, MXFP4_BLOCK)) * torch.exp2(k.float()).unsqueeze(-1)
         # re-encode only the blocks below the window: value / (2^-9 * 2^m), E2M1 round half to even
         step = 2.0 ** (E4M3_MIN_POW2 + m)
-        codes = unpack_nibbles(out).unflatten(-1, (-1, MXFP4_BLOCK))
+        codes = unpack_nibbles(out).unflatten(-1, (-1, MXFP4_BLOCK))  # a copy: packed stays as it was
         old_values = values[below]  # [n, 32]: the n blocks below the window
         new = e2m1_encode(old_values / step)  # [n, 32] codes
         codes[below] = new
@@ -137,9 +169,9 @@ def mxfp4_to_nvfp4(
     report = TranscodeReport(
         m=int(m),
         blocks=int(k.numel()),
-        zero_blocks=int((~nonzero).sum()),
-        exact_blocks=int(exact.sum()),
-        requantized_blocks=int(below.sum()),
+        zero_blocks=int(k.numel()) - nonzero_blocks,
+        exact_blocks=nonzero_blocks - requantized,
+        requantized_blocks=requantized,
         max_abs_error=max_err,
         relative_error=(err_sq / total_sq) ** 0.5 if total_sq else 0.0,
     )
