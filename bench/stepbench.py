@@ -1,7 +1,7 @@
 """The streaming steps' throughput against `cp` on the same disk, with peak RSS, measured in one run.
 
-    python bench/stepbench.py [--steps dequant,experts,full,transcode] [--gib 2] [--shard-gib 1]
-                          [--device cpu|cuda] [--workers N] [--workdir DIR] [--keep]
+    python bench/stepbench.py [--steps dequant,experts,full,transcode,amax] [--gib 2] [--shard-gib 1]
+                          [--device cpu|cuda] [--workers N] [--repeat N] [--workdir DIR] [--keep]
 
 (bench/dequant.py and bench/convert.py run the same with their step(s) preselected.)
 
@@ -20,7 +20,9 @@ files the step reads + fsync; the step itself in a child process (its own peak R
 its output; `cp` of the step's output (the same bytes it wrote) + fsync. Before each of the three the
 inputs are read once with `cat`, so every one starts with its inputs in the page cache (the machine's
 RAM holds a few-GiB bench; the run says so). Each printed ratio is cp seconds / step seconds: 1.0
-means the step keeps up with copying. Nothing is asserted.
+means the step keeps up with copying. With --repeat N the three are run N times in turn and the table
+shows the medians (a shared machine's disk varies from one cp to the next by 2-4x; the spread is
+printed too). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.amax_files import write_amax
 from harness.byte_mix import GIB, bench_config, byte_mix, format_mix, nbytes, release_mix, release_specs
 
-STEPS = ("dequant", "experts", "full", "transcode")
+STEPS = ("dequant", "experts", "full", "transcode", "amax")
+RELEASE_INPUT = ("dequant", "transcode", "amax")  # the steps that read the release
 REFERENCE_CONFIG = (
     Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-v4-pro" / "config.json"
 )
@@ -182,9 +187,20 @@ def warm(paths: list[Path]) -> None:
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
 
 
+SETTLE_SECONDS = 2.0  # before each timed action: a VM disk is still taking the last one's writes
+
+
+def settle() -> None:
+    """Let the previous timed action's writes drain out of the disk's own cache before the next is timed
+    (fsync returns once the guest's bytes are handed over; a VM host may still be writing them)."""
+    subprocess.run(["sync"], check=True)
+    time.sleep(SETTLE_SECONDS)
+
+
 def timed_cp(sources: list[Path], dst: Path) -> float:
     """Seconds to `cp` ``sources`` into ``dst`` (a new folder, removed after) and fsync the copies."""
     warm(sources)
+    settle()
     dst.mkdir()
     start = time.perf_counter()
     subprocess.run(["cp", *map(str, sources), str(dst)], check=True)
@@ -214,6 +230,8 @@ def child(spec: dict) -> dict:
         result = dequantize_checkpoint(src, dst, **options)
     elif spec["step"] == "transcode":
         result = convert_checkpoint(src, dst, graft_from=spec["release"], experts="transcode", **options)
+    elif spec["step"] == "amax":
+        result = convert_checkpoint(src, dst, amax=Path(spec["amax"]), **options)
     else:
         result = convert_checkpoint(src, dst, **options)
     sync(shards(dst))
@@ -285,6 +303,9 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         help="converter threads (default: the cores available, as the steps)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run cp in, the step and cp out N times each; print medians"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the built inputs")
     parser.add_argument(
@@ -314,9 +335,10 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
     rows = []
     try:
         release = work / "release"
-        if {"dequant", "transcode"} & set(chosen):
+        if set(RELEASE_INPUT) & set(chosen):
             build_release(release, config, shard_bytes)
-            print("release (input of dequant, graft source of transcode):")
+            write_amax(release, work / "amax.safetensors")
+            print("release (input of dequant and amax, graft source of transcode):")
             print(format_mix(release_mix(config), release_mix(reference), "release"))
         exports = {}
         for recipe in ("experts", "full"):
@@ -333,34 +355,39 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
                 )
         sync([p for p in work.rglob("*") if p.is_file()])  # built inputs on disk before anything is timed
         for step in chosen:
-            src = release if step == "dequant" else exports["experts" if step == "transcode" else step]
-            reads = shards(release) if step in ("dequant", "transcode") else shards(src)
+            src = (
+                release
+                if step in ("dequant", "amax")
+                else exports["experts" if step == "transcode" else step]
+            )
+            reads = shards(release) if step in RELEASE_INPUT else shards(src)
             out = work / f"out-{step}"
-            shutil.rmtree(out, ignore_errors=True)
-            cp_in = timed_cp(reads, work / "cp-in")
-            warm(reads)
             spec = dict(step=step, src=str(src), dst=str(out), device=args.device, workers=args.workers)
-            spec["release"] = str(release)
+            spec.update(release=str(release), amax=str(work / "amax.safetensors"))
             profile = None
             if args.profile_dir is not None:
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
                 profile = args.profile_dir.resolve() / f"{step}.txt"
-            res = run_child(spec, profile)
-            written = shards(out)
-            cp_out = timed_cp(written, work / "cp-out")
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                shutil.rmtree(out, ignore_errors=True)
+                cp_in = timed_cp(reads, work / "cp-in")
+                warm(reads)
+                settle()
+                res = run_child(spec, profile)
+                written = shards(out)
+                runs.append(dict(res=res, cp_in=cp_in, cp_out=timed_cp(written, work / "cp-out")))
             rows.append(
                 dict(
                     step=step,
-                    res=res,
-                    cp_in=cp_in,
-                    cp_out=cp_out,
+                    runs=runs,
                     in_bytes=sum(p.stat().st_size for p in reads),
                     in_shard=max(p.stat().st_size for p in reads),
                     out_shard=max(p.stat().st_size for p in written),
                 )
             )
             shutil.rmtree(out)
-            print(f"  {step}: {res['seconds']:.1f} s", flush=True)
+            print(f"  {step}: " + ", ".join(f"{r['res']['seconds']:.1f} s" for r in runs), flush=True)
     finally:
         if not args.keep:
             for path in work.iterdir():
@@ -377,15 +404,23 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
     )
     print(head)
     for r in rows:
-        res, s = r["res"], r["res"]["seconds"]
+        res = r["runs"][0]["res"]  # read, written and peak RSS are the same in every run
+        s = median([x["res"]["seconds"] for x in r["runs"]])
+        cp_in, cp_out = (median([x[k] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
+        vs_in, vs_out = (median([x[k] / x["res"]["seconds"] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
         print(
             f"{r['step']:<10} {gb(res['read']):>6} {gb(res['written']):>6} {s:7.1f} {res['read'] / s / 1e9:9.3f} "
-            f"{res['written'] / s / 1e9:8.3f} {r['cp_in']:8.1f} {r['cp_out']:8.1f} {r['cp_in'] / s:8.2f} "
-            f"{r['cp_out'] / s:9.2f} {gb(res['peak_kib'] * 1024):>8} {gb(res['base_kib'] * 1024):>8} "
-            f"{gb(r['in_shard']):>8} {gb(r['out_shard']):>9}"
+            f"{res['written'] / s / 1e9:8.3f} {cp_in:8.1f} {cp_out:8.1f} {vs_in:8.2f} "
+            f"{vs_out:9.2f} {gb(max(x['res']['peak_kib'] for x in r['runs']) * 1024):>8} "
+            f"{gb(res['base_kib'] * 1024):>8} {gb(r['in_shard']):>8} {gb(r['out_shard']):>9}"
         )
+    if max(len(r["runs"]) for r in rows) > 1:
+        print("the spread over the runs (each run's vs cp out):")
+        for r in rows:
+            ratios = sorted(x["cp_out"] / x["res"]["seconds"] for x in r["runs"])
+            print(f"  {r['step']:<10} " + " ".join(f"{v:.2f}" for v in ratios))
     print(
-        "GB = 1e9 bytes. vs cp = cp seconds / step seconds (in: cp of the files the step reads; out: cp of the "
+        "GB = 1e9 bytes. Each figure is the median of the runs (--repeat). vs cp = cp seconds / step seconds (in: cp of the files the step reads; out: cp of the "
         "files it wrote). peak RSS: the step's child process (VmHWM); base RSS: the same process after its "
         "imports, before the step; compare peak RSS with 2x the largest shard (in shard, out shard)."
     )
