@@ -50,19 +50,23 @@ def nvfp4_quantize(
     require_dtype(w, FLOAT_DTYPES, "nvfp4_quantize(w)")
     require_min_ndim(w, 1, "nvfp4_quantize(w)")
     require_last_dim_multiple(w, NVFP4_BLOCK, "nvfp4_quantize(w)", f"one e4m3 scale per {NVFP4_BLOCK} inputs")
-    require_finite(w, "nvfp4_quantize(w)")
+    blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))
+    block_amax = blocks.abs().amax(dim=-1).float()
+    # A NaN or inf makes its block's amax non-finite (amax propagates NaN): one check of the block
+    # maxima stands in for a pass over every element; the full check runs only to name the index.
+    if not bool(torch.isfinite(block_amax).all()):
+        require_finite(w, "nvfp4_quantize(w)")
     if amax is not None and weight_scale_2 is not None:
         raise ValueError("nvfp4_quantize: pass amax or weight_scale_2, not both")
     if weight_scale_2 is None:
-        weight_scale_2 = nvfp4_global_scale(w.abs().amax() if amax is None else amax)
+        # the tensor's amax is the largest block amax (exact: a float32 copy of an input value)
+        weight_scale_2 = nvfp4_global_scale(block_amax.amax() if amax is None else amax)
     wsf2 = torch.as_tensor(weight_scale_2, device=w.device).float().reshape(())
     if not bool(torch.isfinite(wsf2)) or float(wsf2) <= 0:
         raise ValueError(
             f"nvfp4_quantize: weight_scale_2 must be finite and positive; got {float(wsf2)} "
             "(an all-zero tensor or amax of 0 has no NVFP4 global scale; ModelOpt 0.47 writes NaN scales here)"
         )
-    blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))
-    block_amax = blocks.abs().amax(dim=-1).float()
     block_scale = block_amax / (E2M1_MAX * wsf2)
     block_scale = torch.where(block_scale == 0, 1.0, block_scale)
     weight_scale = block_scale.clamp(min=MIN_BLOCK_SCALE, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)

@@ -168,6 +168,21 @@ def test_quantize_error_is_within_half_an_e4m3_step(rows, cols, seed, magnitude,
     assert (err <= spacing / 2 * (1 + 1e-6) + slack).all()
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", [(0, 0), (299, 199), (130, 131)], ids=["first", "last-partial-tile", "inner"])
+def test_one_non_finite_value_anywhere_is_named(bad, where, monkeypatch):
+    """The finiteness check reads the tile maxima, not every element: one NaN or inf in any tile of any
+    strip (a tiny strip size forces one tile row per strip), partial edge tiles included, must still
+    raise and name its index."""
+    from pipeline.formats import fp8_block as FB
+
+    monkeypatch.setattr(FB, "STRIP_ELEMENTS", 1)
+    w = torch.randn(300, 200).to(torch.bfloat16)
+    w[where] = bad
+    with pytest.raises(ValueError, match=rf"non-finite at index \[{where[0]}, {where[1]}\]"):
+        FB.fp8_block_quantize(w)
+
+
 @pytest.mark.parametrize("shape", [(300, 200), (1000, 129), (129, 64)], ids=str)
 @pytest.mark.parametrize("fmt", ["ue8m0", "float32"])
 def test_strips_of_tile_rows_give_the_same_bytes(shape, fmt, monkeypatch):
