@@ -169,7 +169,9 @@ def test_quantize_error_is_within_half_an_e4m3_step(rows, cols, seed, magnitude,
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("where", [(0, 0), (299, 199), (130, 131)], ids=["first", "last-partial-tile", "inner"])
+@pytest.mark.parametrize(
+    "where", [(0, 0), (299, 199), (130, 131)], ids=["first", "last-partial-tile", "inner"]
+)
 def test_one_non_finite_value_anywhere_is_named(bad, where, monkeypatch):
     """The finiteness check reads the tile maxima, not every element: one NaN or inf in any tile of any
     strip (a tiny strip size forces one tile row per strip), partial edge tiles included, must still
