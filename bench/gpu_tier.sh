@@ -14,8 +14,9 @@
 #                                 cp and peak RSS beside it; results go to OUT (default: $OUT or
 #                                 gpu-tier-out); PARTS: tests formats dequant convert (default: these),
 #                                 layer (bench/layer_bench.py: one full-size V4 Pro layer calibrated and
-#                                 converted on the GPU, ~17 GiB of disk), steps (bench/stepbench.py, every
-#                                 step in one run per device)
+#                                 converted on the GPU, ~17 GiB of disk), steps (bench/stepbench.py: dequant,
+#                                 convert experts/full/transcode and convert --amax, CUDA and CPU in one
+#                                 run; STEPBENCH_ARGS, default "--gib 3 --repeat 2")
 #
 # Targets Python 3.12 (the wheels are cp312 where it matters). Nothing here is asserted on timings.
 set -euo pipefail
@@ -65,8 +66,10 @@ run() {
     python3 bench/layer_bench.py --device cuda 2>&1 | tee "$out/bench-layer-cuda.txt"
   fi
   if [[ "$parts" == *" steps "* ]]; then  # every streaming step in one bench run per device (issue 15)
-    python3 bench/stepbench.py --device cuda 2>&1 | tee "$out/bench-steps-cuda.txt"
-    python3 bench/stepbench.py --device cpu 2>&1 | tee "$out/bench-steps-cpu.txt"
+    # both devices between the same cps (one disk state for the two rows); STEPBENCH_ARGS to change size
+    # shell word splitting of STEPBENCH_ARGS is wanted here
+    # shellcheck disable=SC2086
+    python3 bench/stepbench.py --device cuda,cpu ${STEPBENCH_ARGS:---gib 3 --repeat 2} 2>&1 | tee "$out/bench-steps.txt"
   fi
   if [[ "$parts" == *" formats "* ]]; then
     python3 bench/formats.py --device cuda 2>&1 | tee "$out/bench-formats-cuda.txt"

@@ -1,7 +1,7 @@
 """The streaming steps' throughput against `cp` on the same disk, with peak RSS, measured in one run.
 
     python bench/stepbench.py [--steps dequant,experts,full,transcode,amax] [--gib 2] [--shard-gib 1]
-                          [--device cpu|cuda] [--workers N] [--repeat N] [--workdir DIR] [--keep]
+                          [--device cpu|cuda|cpu,cuda] [--workers N] [--repeat N] [--workdir DIR] [--keep]
 
 (bench/dequant.py and bench/convert.py run the same with their step(s) preselected.)
 
@@ -17,7 +17,8 @@ real tensor shapes and random data of the right forms, in shards of at most --sh
 
 The mix of each built checkpoint is printed beside V4 Pro's. Then, for each step in turn: `cp` of the
 files the step reads + fsync; the step itself in a child process (its own peak RSS, VmHWM) + fsync of
-its output; `cp` of the step's output (the same bytes it wrote) + fsync. Before each of the three the
+its output; `cp` of the step's output (the same bytes it wrote) + fsync. With --device cpu,cuda the
+step runs on each device between the same two cps, so the CPU and CUDA rows compare on one disk state. Before each of the three the
 inputs are read once with `cat`, so every one starts with its inputs in the page cache (the machine's
 RAM holds a few-GiB bench; the run says so). Each printed ratio is cp seconds / step seconds: 1.0
 means the step keeps up with copying. With --repeat N the three are run N times in turn and the table
@@ -302,7 +303,11 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         default=None,
         help="converter threads (default: the cores available, as the steps)",
     )
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, or both (cpu,cuda): each device runs on the same inputs between the same cps",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="run cp in, the step and cp out N times each; print medians"
     )
@@ -322,6 +327,9 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
     chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
     if unknown := set(chosen) - set(STEPS):
         parser.error(f"unknown step(s) {sorted(unknown)}; known: {', '.join(STEPS)}")
+    devices = [d.strip() for d in args.device.split(",") if d.strip()]
+    if not devices or set(devices) - {"cpu", "cuda"} or len(set(devices)) != len(devices):
+        parser.error(f"--device: cpu, cuda or cpu,cuda; got {args.device!r}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv4-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     reference = reference_config()
@@ -333,6 +341,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         f"{config['num_attention_heads']} heads, vocab {config['vocab_size']}; shards <= {args.shard_gib:g} GiB"
     )
     rows = []
+    began = time.perf_counter()
     try:
         release = work / "release"
         if set(RELEASE_INPUT) & set(chosen):
@@ -354,6 +363,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
                     )
                 )
         sync([p for p in work.rglob("*") if p.is_file()])  # built inputs on disk before anything is timed
+        print(f"inputs built in {time.perf_counter() - began:.0f} s", flush=True)
         for step in chosen:
             src = (
                 release
@@ -362,32 +372,41 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
             )
             reads = shards(release) if step in RELEASE_INPUT else shards(src)
             out = work / f"out-{step}"
-            spec = dict(step=step, src=str(src), dst=str(out), device=args.device, workers=args.workers)
+            spec = dict(step=step, src=str(src), dst=str(out), workers=args.workers)
             spec.update(release=str(release), amax=str(work / "amax.safetensors"))
-            profile = None
-            if args.profile_dir is not None:
-                args.profile_dir.mkdir(parents=True, exist_ok=True)
-                profile = args.profile_dir.resolve() / f"{step}.txt"
-            runs = []
-            for _ in range(max(1, args.repeat)):
-                shutil.rmtree(out, ignore_errors=True)
+            runs = {device: [] for device in devices}
+            for turn in range(max(1, args.repeat)):
                 cp_in = timed_cp(reads, work / "cp-in")
-                warm(reads)
-                settle()
-                res = run_child(spec, profile)
-                written = shards(out)
-                runs.append(dict(res=res, cp_in=cp_in, cp_out=timed_cp(written, work / "cp-out")))
-            rows.append(
-                dict(
-                    step=step,
-                    runs=runs,
-                    in_bytes=sum(p.stat().st_size for p in reads),
-                    in_shard=max(p.stat().st_size for p in reads),
-                    out_shard=max(p.stat().st_size for p in written),
+                results = {}
+                # each device on the same inputs between the same two cps; the order alternates per turn
+                for device in devices if turn % 2 == 0 else devices[::-1]:
+                    shutil.rmtree(out, ignore_errors=True)
+                    warm(reads)
+                    settle()
+                    profile = None
+                    if args.profile_dir is not None:
+                        args.profile_dir.mkdir(parents=True, exist_ok=True)
+                        profile = args.profile_dir.resolve() / f"{step}-{device}.txt"
+                    results[device] = run_child(dict(spec, device=device), profile)
+                written = shards(out)  # the same bytes from every device (tests/convert, tests/dequant)
+                cp_out = timed_cp(written, work / "cp-out")
+                for device in devices:
+                    runs[device].append(dict(res=results[device], cp_in=cp_in, cp_out=cp_out))
+            for device in devices:
+                rows.append(
+                    dict(
+                        step=step,
+                        device=device,
+                        runs=runs[device],
+                        in_bytes=sum(p.stat().st_size for p in reads),
+                        in_shard=max(p.stat().st_size for p in reads),
+                        out_shard=max(p.stat().st_size for p in written),
+                    )
                 )
-            )
             shutil.rmtree(out)
-            print(f"  {step}: " + ", ".join(f"{r['res']['seconds']:.1f} s" for r in runs), flush=True)
+            for device in devices:
+                times = ", ".join(f"{r['res']['seconds']:.1f} s" for r in runs[device])
+                print(f"  {step} on {device}: {times}", flush=True)
     finally:
         if not args.keep:
             for path in work.iterdir():
@@ -399,7 +418,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         f"cp and step; every time includes fsync of what it wrote; machine now: {machine()}"
     )
     head = (
-        f"{'step':<10} {'in GB':>6} {'out GB':>6} {'s':>7} {'read GB/s':>9} {'wr GB/s':>8} {'cp in s':>8} "
+        f"{'step':<10} {'device':<6} {'in GB':>6} {'out GB':>6} {'s':>7} {'read GB/s':>9} {'wr GB/s':>8} {'cp in s':>8} "
         f"{'cp out s':>8} {'vs cp in':>8} {'vs cp out':>9} {'peak RSS':>8} {'base RSS':>8} {'in shard':>8} {'out shard':>9}"
     )
     print(head)
@@ -409,7 +428,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         cp_in, cp_out = (median([x[k] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
         vs_in, vs_out = (median([x[k] / x["res"]["seconds"] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
         print(
-            f"{r['step']:<10} {gb(res['read']):>6} {gb(res['written']):>6} {s:7.1f} {res['read'] / s / 1e9:9.3f} "
+            f"{r['step']:<10} {r['device']:<6} {gb(res['read']):>6} {gb(res['written']):>6} {s:7.1f} {res['read'] / s / 1e9:9.3f} "
             f"{res['written'] / s / 1e9:8.3f} {cp_in:8.1f} {cp_out:8.1f} {vs_in:8.2f} "
             f"{vs_out:9.2f} {gb(max(x['res']['peak_kib'] for x in r['runs']) * 1024):>8} "
             f"{gb(res['base_kib'] * 1024):>8} {gb(r['in_shard']):>8} {gb(r['out_shard']):>9}"
@@ -418,7 +437,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         print("the spread over the runs (each run's vs cp out):")
         for r in rows:
             ratios = sorted(x["cp_out"] / x["res"]["seconds"] for x in r["runs"])
-            print(f"  {r['step']:<10} " + " ".join(f"{v:.2f}" for v in ratios))
+            print(f"  {r['step']:<10} {r['device']:<6} " + " ".join(f"{v:.2f}" for v in ratios))
     print(
         "GB = 1e9 bytes. Each figure is the median of the runs (--repeat). vs cp = cp seconds / step seconds (in: cp of the files the step reads; out: cp of the "
         "files it wrote). peak RSS: the step's child process (VmHWM); base RSS: the same process after its "
