@@ -65,7 +65,7 @@ run() {
   if [[ "$parts" == *" layer "* ]]; then  # one full-size V4 Pro layer: calibrate and convert --amax (issue 16)
     python3 bench/layer_bench.py --device cuda 2>&1 | tee "$out/bench-layer-cuda.txt"
   fi
-  if [[ "$parts" == *" steps "* ]]; then  # every streaming step in one bench run per device (issue 15)
+  if [[ "$parts" == *" steps "* ]]; then  # every streaming step, both devices in one bench run (issue 15)
     # both devices between the same cps (one disk state for the two rows); STEPBENCH_ARGS to change size
     # shell word splitting of STEPBENCH_ARGS is wanted here
     # shellcheck disable=SC2086

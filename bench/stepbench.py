@@ -46,8 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.amax_files import write_amax
 from harness.byte_mix import GIB, bench_config, byte_mix, format_mix, nbytes, release_mix, release_specs
 
-STEPS = ("dequant", "experts", "full", "transcode", "amax")
-RELEASE_INPUT = ("dequant", "transcode", "amax")  # the steps that read the release
+# each step's input checkpoint: the release, or the ModelOpt export of that recipe
+STEP_INPUT = {
+    "dequant": "release",
+    "experts": "experts",
+    "full": "full",
+    "transcode": "experts",
+    "amax": "release",
+}
+STEPS = tuple(STEP_INPUT)
+RELEASE_INPUT = ("dequant", "transcode", "amax")  # the steps that read the release (transcode grafts from it)
 REFERENCE_CONFIG = (
     Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-v4-pro" / "config.json"
 )
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
             print(format_mix(release_mix(config), release_mix(reference), "release"))
         exports = {}
         for recipe in ("experts", "full"):
-            if recipe in chosen or (recipe == "experts" and "transcode" in chosen):
+            if recipe in {STEP_INPUT[step] for step in chosen}:
                 exports[recipe] = work / f"export-{recipe}"
                 build_export(exports[recipe], config, recipe, shard_bytes)
                 print(f"export, recipe {recipe} (input of convert):")
@@ -380,11 +388,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         sync([p for p in work.rglob("*") if p.is_file()])  # built inputs on disk before anything is timed
         print(f"inputs built in {time.perf_counter() - began:.0f} s", flush=True)
         for step in chosen:
-            src = (
-                release
-                if step in ("dequant", "amax")
-                else exports["experts" if step == "transcode" else step]
-            )
+            src = release if STEP_INPUT[step] == "release" else exports[STEP_INPUT[step]]
             reads = shards(release) if step in RELEASE_INPUT else shards(src)
             out = work / f"out-{step}"
             spec = dict(step=step, src=str(src), dst=str(out), workers=args.workers)

@@ -46,6 +46,14 @@ def require_finite(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected finite values; first non-finite at index {bad}")
 
 
+def require_finite_maxima(maxima: torch.Tensor, t: torch.Tensor, what: str) -> None:
+    """require_finite(t) for a caller that has computed ``maxima`` (per-block |t| maxima) anyway: a NaN
+    or inf in ``t`` makes its block's maximum non-finite (amax propagates NaN), so checking the few
+    maxima stands in for a pass over every element; the full pass runs only to name the index."""
+    if not bool(torch.isfinite(maxima).all()):
+        require_finite(t, what)
+
+
 def require_codes(codes: torch.Tensor, what: str) -> None:
     require_dtype(codes, (torch.uint8,), what)
     if codes.numel() and int(codes.max()) > 15:

@@ -17,7 +17,7 @@ import torch
 from ._checks import (
     FLOAT_DTYPES,
     require_dtype,
-    require_finite,
+    require_finite_maxima,
     require_last_dim_multiple,
     require_min_ndim,
     require_shape,
@@ -52,10 +52,7 @@ def nvfp4_quantize(
     require_last_dim_multiple(w, NVFP4_BLOCK, "nvfp4_quantize(w)", f"one e4m3 scale per {NVFP4_BLOCK} inputs")
     blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))
     block_amax = blocks.abs().amax(dim=-1).float()
-    # A NaN or inf makes its block's amax non-finite (amax propagates NaN): one check of the block
-    # maxima stands in for a pass over every element; the full check runs only to name the index.
-    if not bool(torch.isfinite(block_amax).all()):
-        require_finite(w, "nvfp4_quantize(w)")
+    require_finite_maxima(block_amax, w, "nvfp4_quantize(w)")
     if amax is not None and weight_scale_2 is not None:
         raise ValueError("nvfp4_quantize: pass amax or weight_scale_2, not both")
     if weight_scale_2 is None:

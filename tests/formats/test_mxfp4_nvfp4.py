@@ -195,10 +195,11 @@ def test_nvfp4_bad_inputs(call, match):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", [(0, 0, 0), (2, 5, 47), (1, 3, 16)], ids=["first", "last", "block-start"])
 @pytest.mark.parametrize("given_scale", [None, "amax", "weight_scale_2"])
-def test_nvfp4_one_non_finite_value_anywhere_is_named(bad, where, given_scale):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nvfp4_one_non_finite_value_anywhere_is_named(bad, where, given_scale, dtype):
     """The finiteness check reads the block maxima, not every element: one NaN or inf in any block, with
     or without a given global scale, must still raise and name its index."""
-    w = torch.randn(3, 6, 48)
+    w = torch.randn(3, 6, 48).to(dtype)
     w[where] = bad
     kwargs = {"amax": {"amax": 1.0}, "weight_scale_2": {"weight_scale_2": 0.01}}.get(given_scale, {})
     with pytest.raises(ValueError, match=rf"non-finite at index \[{', '.join(map(str, where))}\]"):
