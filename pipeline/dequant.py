@@ -172,7 +172,7 @@ def make_producer(
     ahead = ahead or Ahead(4 * workers, default_ahead_bytes())
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        with producer_pool(workers, "dequant") as pool:  # Ctrl-C does not wait for it
+        with producer_pool(workers, "dequant", device) as pool:  # Ctrl-C does not wait for it
             pending: deque = deque()
             tensors, started, in_flight = shard.tensors, 0, 0
             for _ in tensors:

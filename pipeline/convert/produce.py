@@ -33,7 +33,7 @@ def make_producer(
     done: dict[str, torch.Tensor] = {}
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        with producer_pool(workers, "convert") as pool:  # Ctrl-C does not wait for it
+        with producer_pool(workers, "convert", device) as pool:  # Ctrl-C does not wait for it
             running: dict[str, Future] = {}
             in_flight = 0
 
