@@ -38,7 +38,9 @@ from .ue8m0 import UE8M0_BIAS
 MAX_TABLE_K = 125  # 6 * 2^125 is BF16's largest E2M1 multiple below overflow: above, values may be inf
 MIN_TABLE_GLOBAL_SCALE = 2.0**-100  # block scale x global scale stays far from float32's underflow
 BYTES_PER_BLOCK = NVFP4_BLOCK // 2  # packed bytes of one 16-input NVFP4 block
-CHUNK_BLOCKS = 1 << 14  # 16-blocks per lookup step: its codes and 16-bit indices stay within L2
+CHUNK_BLOCKS = 1 << 16  # 16-blocks per lookup step (512 KiB of codes, 1 MiB of 16-bit indices): within a
+# server core's L2, and few enough steps that holding the GIL between them costs converter threads little
+BLOCKS_PER_SCALE = MXFP4_BLOCK // NVFP4_BLOCK  # NVFP4 16-blocks per MXFP4 32-block (UE8M0 byte)
 MAGNITUDES = 8  # E2M1 magnitude indices 0..7 (bits 0-2 of a code), increasing with the magnitude
 # The magnitudes a byte pair (4 codes, read as one uint16) holds, as one-hot bits 1 << j: OR-ing a 16-block's
 # four pairs gives every magnitude it holds, whose highest bit is its largest (faster than a max over bytes)
@@ -96,7 +98,8 @@ def _tables(keys: np.ndarray, wsf2: torch.Tensor) -> tuple[np.ndarray, np.ndarra
 def _by_table(packed: torch.Tensor, raw_scale: torch.Tensor, wsf2: torch.Tensor):
     codes = packed.numpy().reshape(-1, BYTES_PER_BLOCK)  # one row per 16-block
     k = raw_scale.numpy().reshape(-1)  # one UE8M0 byte per two rows
-    present = np.flatnonzero(np.bincount(k, minlength=256))
+    # torch's bincount, not numpy's: numpy's holds the GIL (3 ms an expert, while other converters wait)
+    present = np.flatnonzero(torch.bincount(raw_scale.reshape(-1), minlength=256).numpy())
     # keys (k, j) numbered over the exponents present: with at most 32 of them (a weight spans a few
     # dozen octaves at most) the byte index fits 16 bits and the byte table 64 KiB, which stays in cache
     k_base = np.zeros(256, dtype=np.uint16 if len(present) <= 32 else np.uint32)
@@ -106,22 +109,31 @@ def _by_table(packed: torch.Tensor, raw_scale: torch.Tensor, wsf2: torch.Tensor)
     out = np.empty_like(codes)
     block_scale = np.empty(len(codes), dtype=np.uint8)
     one_hot = np.empty((CHUNK_BLOCKS, BYTES_PER_BLOCK // 2), dtype=np.uint8)
+    key = np.empty((CHUNK_BLOCKS // BLOCKS_PER_SCALE, BLOCKS_PER_SCALE), dtype=k_base.dtype)
     index = np.empty((CHUNK_BLOCKS, BYTES_PER_BLOCK), dtype=k_base.dtype)
-    halves = MXFP4_BLOCK // NVFP4_BLOCK  # 16-blocks per UE8M0 byte
+    # Every call here releases the GIL for its work (ufuncs, take with mode="clip"; np.repeat did not,
+    # broadcasting does its job), and a chunk is large enough that the GIL is held for a small share of
+    # the time: converter threads run this side by side
     for start in range(0, len(codes), CHUNK_BLOCKS):
         c = codes[start : start + CHUNK_BLOCKS]
         n = len(c)
         # j, the largest magnitude of each 16-block: the highest bit of its byte pairs' one-hots OR-ed
-        np.take(_ONE_HOT_MAGNITUDES, c.view(np.uint16), out=one_hot[:n])
+        _ONE_HOT_MAGNITUDES.take(c.view(np.uint16), out=one_hot[:n], mode="clip")
         word = one_hot[:n].view(np.uint32).reshape(-1)
         word = word | (word >> 16)
         word |= word >> 8
-        key = np.take(_HIGHEST_BIT, word.astype(np.uint8)).astype(k_base.dtype)
-        key += np.repeat(k_base[k[start // halves : (start + n) // halves]], halves)
-        np.take(scale_table, key, out=block_scale[start : start + n])
-        key <<= 8
-        np.bitwise_or(np.repeat(key, BYTES_PER_BLOCK).reshape(n, -1), c, out=index[:n])
-        np.take(byte_table, index[:n], out=out[start : start + n], mode="clip")
+        keys_n = key[: n // BLOCKS_PER_SCALE]
+        np.add(
+            _HIGHEST_BIT.take(word.astype(np.uint8), mode="clip").reshape(-1, BLOCKS_PER_SCALE),
+            k_base[k[start // BLOCKS_PER_SCALE : (start + n) // BLOCKS_PER_SCALE]][:, None],
+            out=keys_n,
+            casting="unsafe",
+        )
+        flat = keys_n.reshape(-1)
+        scale_table.take(flat, out=block_scale[start : start + n], mode="clip")
+        flat <<= 8
+        np.bitwise_or(flat[:, None], c, out=index[:n])
+        byte_table.take(index[:n], out=out[start : start + n], mode="clip")
     return (
         torch.from_numpy(out).reshape(packed.shape),
         torch.from_numpy(block_scale).view(torch.float8_e4m3fn).reshape(*packed.shape[:-1], -1),
