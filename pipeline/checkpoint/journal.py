@@ -1,7 +1,7 @@
 """What a run records beside its output, and what it refuses from it.
 
 * ``.dsv4-progress.json`` lists every file the run writes, before writing the first, and each finished
-  shard with its size and sha256: ``--overwrite`` removes only those (a folder holding anything else is
+  shard with its size and digest: ``--overwrite`` removes only those (a folder holding anything else is
   refused whole, so a slip never deletes a release);
 * it fingerprints the input files (size, mtime, ctime, header hash): ``--resume`` refuses to keep shards
   made from inputs that changed since, and the index is not written if they changed while being read;
@@ -23,7 +23,9 @@ from .output_plan import OutputPlan
 from .reader import INDEX_NAME
 
 JOURNAL_NAME = ".dsv4-progress.json"
-JOURNAL_FORMAT = 2  # 2: lists the files the run writes and fingerprints its inputs
+# 2: lists the files the run writes and fingerprints its inputs; 3: a shard's digest is digest.FIELD (a
+# format-2 journal's plain sha256 is still checked on --resume)
+JOURNAL_FORMAT = 3
 ORIG_SUFFIX = ".orig"  # dsv4 fix-config / use-plugin back a file up as NAME.orig beside it
 
 

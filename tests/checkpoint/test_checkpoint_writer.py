@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import shutil
 import time
@@ -24,6 +25,7 @@ from pipeline.checkpoint import (
     ShardPlan,
     atomic,
     copy_file_atomic,
+    digest,
     dtypes,
     per_tensor,
     plan_shards,
@@ -284,3 +286,37 @@ def test_resume_without_a_journal_refuses_a_non_empty_dir(tmp_path, reference_ou
     # an empty (or missing) directory is fine to "resume": it starts from the beginning
     write_checkpoint(demo_plan(), tmp_path / "fresh", produce, resume=True)
     assert file_bytes(tmp_path / "fresh") == reference_output
+
+
+def test_the_journal_records_each_shards_digest_and_resumes_a_journal_from_before(
+    tmp_path, reference_output, monkeypatch
+):
+    monkeypatch.setattr(digest, "PIECE_BYTES", 4096)  # each shard many pieces
+    out = tmp_path / "out"
+    write_checkpoint(demo_plan(), out, produce)
+    journal = json.loads((out / JOURNAL_NAME).read_text())
+    for name, rec in journal["finished"].items():
+        data = (out / name).read_bytes()
+        pieces = [hashlib.sha256(data[i : i + 4096]).digest() for i in range(0, len(data), 4096)]
+        assert rec == {"size": len(data), digest.FIELD: hashlib.sha256(b"".join(pieces)).hexdigest()}
+    # a run interrupted before the hash list, its journal holding one sha256 per shard: kept on --resume
+    journal["complete"] = False
+    journal["finished"] = {
+        name: {"size": rec["size"], "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
+        for name, rec in journal["finished"].items()
+    }
+    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    (out / INDEX_NAME).unlink()
+    assert write_checkpoint(demo_plan(), out, produce, resume=True).written == []
+    made = {k: v for k, v in file_bytes(out).items() if k != JOURNAL_NAME}
+    assert made == {k: v for k, v in reference_output.items() if k != JOURNAL_NAME}
+    # and one changed byte in a kept shard: that shard alone is made again
+    name = sorted(journal["finished"])[1]
+    data = bytearray((out / name).read_bytes())
+    data[-1] ^= 1
+    (out / name).write_bytes(data)
+    (out / INDEX_NAME).unlink()
+    journal = json.loads((out / JOURNAL_NAME).read_text())
+    journal["complete"] = False
+    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    assert write_checkpoint(demo_plan(), out, produce, resume=True).written == [name]
