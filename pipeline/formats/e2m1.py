@@ -7,6 +7,8 @@ release, ModelOpt 0.47 (NVFP4QTensor, MXFP4QTensor) and vLLM's break_fp4_bytes a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._checks import FLOAT_DTYPES, require_codes, require_dtype, require_last_dim_multiple, require_min_ndim
@@ -22,10 +24,27 @@ _TIES_ROUNDING_UP: tuple[float, ...] = E2M1_MIDPOINTS[1::2]
 E2M1_SIGN_BIT = 0x8
 
 
+# The tables below are made once per device (and dtype), on the CPU, then copied with a blocking copy: a
+# table still being made on one converter thread's CUDA stream must not be read from another's. Made per
+# call they were a dozen tiny kernels and a synchronizing host-to-device copy each time, most of what a
+# small tensor's decode cost on CUDA.
+@functools.cache
 def _lut(device: torch.device) -> torch.Tensor:
     # All 16 codes; code 8 is -0.0, so the sign of zero survives decoding.
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags])
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32)
+    return torch.cat([mags, -mags]).to(device)
+
+
+@functools.cache
+def _byte_values(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 2]: the two values of every packed byte (low nibble first), in ``dtype``."""
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return _lut(torch.device("cpu"))[unpack_nibbles(every_byte).int()].to(dtype).view(256, 2).to(device)
+
+
+@functools.cache
+def _midpoints(device: torch.device) -> torch.Tensor:
+    return torch.tensor(E2M1_MIDPOINTS, dtype=torch.float32).to(device)
 
 
 def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -36,8 +55,7 @@ def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     """
     require_dtype(packed, (torch.uint8, torch.int8), "decode_packed(packed)")
     require_min_ndim(packed, 1, "decode_packed(packed)")
-    every_byte = torch.arange(256, dtype=torch.int32, device=packed.device).to(torch.uint8)
-    table = _lut(packed.device)[unpack_nibbles(every_byte).int()].to(dtype).view(256, 2)
+    table = _byte_values(packed.device, dtype)
     return torch.nn.functional.embedding(packed.view(torch.uint8).long(), table).flatten(-2)
 
 
@@ -52,7 +70,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     if bool(torch.isnan(xf).any()):
         raise ValueError("e2m1_encode(x): E2M1 has no NaN; the input holds NaN values")
     mag = xf.abs()
-    bounds = torch.tensor(E2M1_MIDPOINTS, dtype=torch.float32, device=x.device)
+    bounds = _midpoints(x.device)
     # searchsorted (left) counts the midpoints strictly below |x|: a tie rounds down ...
     code = torch.searchsorted(bounds, mag, out_int32=True).to(torch.uint8)
     # ... which is right for ties whose lower neighbour is even; the other three round up.
