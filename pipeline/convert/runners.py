@@ -32,7 +32,7 @@ from pipeline.formats import (
     nvfp4_quantize,
     nvfp4_rescale,
 )
-from pipeline.formats.e2m1 import decode_packed
+from pipeline.formats.e2m1 import block_square_sums
 from pipeline.formats.fp8_block import STRIP_ELEMENTS
 
 from .jobs import Job
@@ -143,11 +143,12 @@ def _run_unify(job: Job, t: list[torch.Tensor], device: torch.device, stats: Run
             continue
         ratio = float(common / gs.float())
         new_bs = nvfp4_rescale(bs, gs, common)
-        # exact added error: each block's codes are unchanged, only its scale product moves
-        codes = read_tensor(weight).to(device, non_blocking=True)
-        energy = decode_packed(codes).unflatten(-1, (-1, NVFP4_BLOCK)).pow(2).sum(-1)
-        before = bs.float() * gs.float()
-        after = new_bs.float() * common
+        # exact added error: each block's codes are unchanged, only its scale product moves. The weight
+        # is read for its blocks' energies alone, computed where it was read (on CUDA it was copied to
+        # the device whole for them: a third of the experts' bytes once more)
+        energy = block_square_sums(read_tensor(weight), NVFP4_BLOCK)
+        before = (bs.float() * gs.float()).cpu()
+        after = (new_bs.float() * common).cpu()
         err_sq += float((energy * (after - before).pow(2)).double().sum())
         ref_sq += float((energy * before.pow(2)).double().sum())
         out += [new_bs, common.reshape(()).clone()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from ._checks import FLOAT_DTYPES, require_codes, require_dtype, require_last_dim_multiple, require_min_ndim
@@ -57,6 +58,29 @@ def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     require_min_ndim(packed, 1, "decode_packed(packed)")
     table = _byte_values(packed.device, dtype)
     return torch.nn.functional.embedding(packed.view(torch.uint8).long(), table).flatten(-2)
+
+
+@functools.cache
+def _byte_square_sums() -> np.ndarray:
+    """[256] float32: v(low nibble)^2 + v(high nibble)^2 of every packed byte."""
+    return _byte_values(torch.device("cpu"), torch.float32).pow(2).sum(-1).numpy()
+
+
+def block_square_sums(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """The sum of squared E2M1 values over each ``block`` codes: packed bytes [..., n/2] -> [..., n/block]
+    float32, on the input's device. The same numbers as ``decode_packed(packed)`` squared and summed per
+    block (every square is a multiple of 1/4 up to 36, so every sum here is exact in float32, in any
+    order), without the 8 bytes of float32 per packed byte; on the CPU one table lookup per byte."""
+    require_dtype(packed, (torch.uint8, torch.int8), "block_square_sums(packed)")
+    require_min_ndim(packed, 1, "block_square_sums(packed)")
+    require_last_dim_multiple(packed, block // 2, "block_square_sums(packed)", f"whole {block}-code blocks")
+    raw = packed.contiguous().view(torch.uint8)
+    if raw.device.type == "cpu":
+        squares = torch.from_numpy(_byte_square_sums()[raw.numpy()])  # numpy: uint8 indices, GIL released
+    else:
+        squares = torch.nn.functional.embedding(raw.long(), _byte_values(raw.device, torch.float32).pow(2))
+        squares = squares.sum(-1)
+    return squares.unflatten(-1, (-1, block // 2)).sum(-1)
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:

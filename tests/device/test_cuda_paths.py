@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline import formats as F
+from pipeline.formats.e2m1 import block_square_sums
 
 pytestmark = pytest.mark.gpu
 
@@ -44,6 +45,7 @@ CASES = {
     "e2m1_roundtrip": lambda w: (F.e2m1_encode(w * 100), F.e2m1_decode(F.e2m1_encode(w * 100))),
     "mxfp4_to_nvfp4": lambda w: F.mxfp4_to_nvfp4(*F.mxfp4_quantize(w))[:3],
     "nvfp4_rescale": lambda w: (F.nvfp4_rescale(F.nvfp4_quantize(w)[1], 0.01, 0.0137),),
+    "block_square_sums": lambda w: (block_square_sums(F.nvfp4_quantize(w)[0], 16),),
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.formats import e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from pipeline.formats.e2m1 import block_square_sums
 
 pytestmark = pytest.mark.unit
 
@@ -121,3 +122,26 @@ def test_pack_keeps_leading_dims():
     codes = torch.arange(16, dtype=torch.uint8).repeat(3, 2)
     assert pack_nibbles(codes).shape == (3, 16)
     assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+
+
+@pytest.mark.parametrize("block", [2, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_block_square_sums_of_every_byte_in_every_position(block, dtype):
+    # every byte value at every offset within a block, summed from the decoded values squared one by one
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    rows = torch.stack([every.roll(i) for i in range(block // 2)], dim=-1).reshape(-1, 4, block // 2)
+    rows = rows.reshape(-1, 4 * (block // 2))  # [..., 4 blocks]
+    got = block_square_sums(rows.view(dtype), block)
+    values = [[e2m1_decode(c).item() for c in unpack_nibbles(r)] for r in rows]
+    want = torch.tensor(
+        [[sum(v * v for v in row[i : i + block]) for i in range(0, len(row), block)] for row in values],
+        dtype=torch.float32,
+    )
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_block_square_sums_keeps_leading_dims_and_refuses_partial_blocks():
+    packed = torch.randint(0, 256, (2, 3, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert block_square_sums(packed, 16).shape == (2, 3, 8)
+    with pytest.raises(ValueError):
+        block_square_sums(packed[..., :60], 16)
