@@ -32,7 +32,10 @@ MIN_BLOCK_SCALE = 2.0**-9  # smallest e4m3 subnormal: ModelOpt clamps here so no
 def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """weight_scale_2 (or input_scale) for an absolute maximum: amax / (6 * 448), float32."""
     amax = torch.as_tensor(amax).float()
-    return amax / (E2M1_MAX * FP8_E4M3_MAX)
+    # divided by a tensor on amax's device, not by a Python number: CUDA divides a tensor by a number as
+    # a product with its float32 reciprocal, which differs from the quotient for about one amax in five
+    # (then `convert RELEASE --amax` on CUDA wrote other bytes than on the CPU)
+    return amax / torch.full((), E2M1_MAX * FP8_E4M3_MAX, dtype=torch.float32, device=amax.device)
 
 
 def nvfp4_quantize(

@@ -46,6 +46,8 @@ CASES = {
     "mxfp4_to_nvfp4": lambda w: F.mxfp4_to_nvfp4(*F.mxfp4_quantize(w))[:3],
     "nvfp4_rescale": lambda w: (F.nvfp4_rescale(F.nvfp4_quantize(w)[1], 0.01, 0.0137),),
     "block_square_sums": lambda w: (block_square_sums(F.nvfp4_quantize(w)[0], 16),),
+    # one amax per row: thousands of divisions (a product with the reciprocal differs for ~1 in 5)
+    "nvfp4_global_scale": lambda w: (F.nvfp4_global_scale(w.float().abs().amax(-1)),),
 }
 
 
@@ -97,6 +99,32 @@ def test_convert_on_cuda_writes_the_cpu_bytes(tmp_path, recipe, dialect, w13, op
     gpu = convert_checkpoint(export, tmp_path / "cuda", device="cuda", progress=False, **kw)
     assert tree_digest(cpu.out_dir) == tree_digest(gpu.out_dir)
     assert gpu.stats.unify.rel_error == pytest.approx(cpu.stats.unify.rel_error, rel=1e-6)
+
+
+def test_convert_amax_on_cuda_writes_the_cpu_bytes(tmp_path):
+    from harness.amax_files import write_amax
+    from harness.checkpoints import tree_digest
+    from harness.tiny import build_tiny_release
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.convert import convert_checkpoint
+
+    release = build_tiny_release(tmp_path / "release", "vllm-shaped", seed=0)
+    config = Checkpoint.open(release).config
+    # amaxes of no particular form (write_amax's own are multiples of 1/8), so the division is tested
+    gen = torch.Generator().manual_seed(0)
+    extra = {
+        f"model.layers.{n}.mlp.experts.{kind}_proj_weight_quantizers.{e}": float(
+            torch.rand((), generator=gen)
+        )
+        * 3
+        for n in range(config["num_hidden_layers"])
+        for e in range(config["n_routed_experts"])
+        for kind in ("gate_up", "down")
+    }
+    amax = write_amax(release, tmp_path / "amax.safetensors", extra=extra)
+    cpu = convert_checkpoint(release, tmp_path / "cpu", amax=amax, device="cpu", progress=False)
+    gpu = convert_checkpoint(release, tmp_path / "cuda", amax=amax, device="cuda", progress=False)
+    assert tree_digest(cpu.out_dir) == tree_digest(gpu.out_dir)
 
 
 @pytest.fixture(scope="module")
