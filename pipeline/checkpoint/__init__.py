@@ -4,8 +4,9 @@ layout classification and summaries.
 reader       Checkpoint.open(path), read_header, read_index, read_tensor, locate
 writer       write_checkpoint -> WriteResult (crash-safe, resumable), on the modules below it:
 output_plan  PlannedTensor, ShardPlan, OutputPlan, plan_shards
-producer     per_tensor, producer_pool (a producer's thread pool that does not hold up Ctrl-C), Ahead
-             (how far its jobs run ahead of the writer)
+producer     per_tensor, producer_pool (a producer's thread pool: torch threads per converter, a CUDA
+             stream each, does not hold up Ctrl-C), Ahead (how far its jobs run ahead of the writer)
+digest       the journal's shard digest (sha256 by pieces, on threads), checked again on --resume
 atomic       write_bytes_atomic, write_json_atomic, copy_file_atomic (temp + fsync + rename)
 lock         LOCK_NAME, one run per output folder
 journal      JOURNAL_NAME, the input fingerprints, what --resume keeps and --overwrite may remove

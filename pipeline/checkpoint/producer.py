@@ -29,8 +29,7 @@ def intra_op_threads(workers: int) -> int:
     """The threads each of ``workers`` converter threads gives one torch CPU op: the cores left to it.
 
     torch's default is every core for each calling thread, and with OpenMP every calling thread gets a
-    team of its own: 16 converters on 16 cores were 256 threads, and ``convert --amax`` ran at a quarter
-    of its one-thread-each speed (on 2 cores, 16 converters took 1.8x as long as 2)."""
+    team of its own: 16 converters on 16 cores were 256 threads competing for the cores."""
     from pipeline.step_options import available_cores
 
     return max(1, available_cores() // max(1, workers))

@@ -239,8 +239,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, without a copy for a contiguous CPU tensor (what every producer yields).
 
     One torch call, not five: each releases the GIL and takes it back, and the writer, which every byte
-    waits for, queued for it behind the converter threads each time (py-spy on 16 cores: a fifth of a
-    ``convert --amax`` run in this function)."""
+    waits for, queued for it behind the converter threads each time (py-spy on 16 cores: 1.8 s of a
+    profiled 6 s ``convert --amax`` run's writer time on that one line)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         t = t.detach().to("cpu").contiguous()
     if 0 in t.shape:
