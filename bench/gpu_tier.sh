@@ -16,7 +16,9 @@
 #                                 layer (bench/layer_bench.py: one full-size V4 Pro layer calibrated and
 #                                 converted on the GPU, ~17 GiB of disk), steps (bench/stepbench.py: dequant,
 #                                 convert experts/full/transcode and convert --amax, CUDA and CPU in one
-#                                 run; STEPBENCH_ARGS, default "--gib 3 --repeat 2")
+#                                 run; STEPBENCH_ARGS, default "--gib 3 --repeat 2"), bytes (only the
+#                                 CUDA == CPU byte tests of tests/device/test_cuda_paths.py: no ModelOpt
+#                                 needed, ~20 s)
 #
 # Targets Python 3.12 (the wheels are cp312 where it matters). Nothing here is asserted on timings.
 set -euo pipefail
@@ -62,6 +64,10 @@ run() {
     DSV4_REQUIRE=gpu,quant python3 -m pytest -m gpu -p no:cacheprovider -q -rs -s \
       --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
   fi
+  if [[ "$parts" == *" bytes "* ]]; then  # every format function, dequant, convert and --amax: CUDA's bytes are the CPU's
+    DSV4_REQUIRE=gpu python3 -m pytest -m gpu tests/device/test_cuda_paths.py -p no:cacheprovider -q -rs \
+      -k "cuda_gives or writes_the_cpu_bytes" 2>&1 | tee "$out/gpu-bytes.log"
+  fi
   if [[ "$parts" == *" layer "* ]]; then  # one full-size V4 Pro layer: calibrate and convert --amax (issue 16)
     python3 bench/layer_bench.py --device cuda 2>&1 | tee "$out/bench-layer-cuda.txt"
   fi
@@ -89,5 +95,5 @@ run() {
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,23p' "$0"; exit 2 ;;
 esac
