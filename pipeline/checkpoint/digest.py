@@ -92,7 +92,7 @@ def _piece_of(path: Path, index: int) -> bytes:
     with path.open("rb", buffering=0) as f:
         f.seek(index * PIECE_BYTES)
         data = f.read(PIECE_BYTES)
-    return hashlib.sha256(data).digest()
+    return _sha256_of([memoryview(data)])
 
 
 def file_digest(path: str | os.PathLike, threads: int | None = None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
 from ._checks import FLOAT_DTYPES, require_codes, require_dtype, require_last_dim_multiple, require_min_ndim
@@ -61,25 +60,24 @@ def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
 
 
 @functools.cache
-def _byte_square_sums() -> np.ndarray:
+def _byte_square_sums(device: torch.device) -> torch.Tensor:
     """[256] float32: v(low nibble)^2 + v(high nibble)^2 of every packed byte."""
-    return _byte_values(torch.device("cpu"), torch.float32).pow(2).sum(-1).numpy()
+    return _byte_values(torch.device("cpu"), torch.float32).pow(2).sum(-1).to(device)
 
 
 def block_square_sums(packed: torch.Tensor, block: int) -> torch.Tensor:
     """The sum of squared E2M1 values over each ``block`` codes: packed bytes [..., n/2] -> [..., n/block]
     float32, on the input's device. The same numbers as ``decode_packed(packed)`` squared and summed per
     block (every square is a multiple of 1/4 up to 36, so every sum here is exact in float32, in any
-    order), without the 8 bytes of float32 per packed byte; on the CPU one table lookup per byte."""
+    order), from one table lookup per byte instead of 8 bytes of float32 per packed byte."""
     require_dtype(packed, (torch.uint8, torch.int8), "block_square_sums(packed)")
     require_min_ndim(packed, 1, "block_square_sums(packed)")
     require_last_dim_multiple(packed, block // 2, "block_square_sums(packed)", f"whole {block}-code blocks")
     raw = packed.contiguous().view(torch.uint8)
-    if raw.device.type == "cpu":
-        squares = torch.from_numpy(_byte_square_sums()[raw.numpy()])  # numpy: uint8 indices, GIL released
-    else:
-        squares = torch.nn.functional.embedding(raw.long(), _byte_values(raw.device, torch.float32).pow(2))
-        squares = squares.sum(-1)
+    table = _byte_square_sums(raw.device)
+    # on the CPU, numpy indexes by the uint8 bytes themselves, with the GIL released
+    on_cpu = raw.device.type == "cpu"
+    squares = torch.from_numpy(table.numpy()[raw.numpy()]) if on_cpu else table[raw.long()]
     return squares.unflatten(-1, (-1, block // 2)).sum(-1)
 
 
