@@ -1,7 +1,8 @@
 """The streaming steps' throughput against `cp` on the same disk, with peak RSS, measured in one run.
 
     python bench/stepbench.py [--steps dequant,experts,full,transcode,amax] [--gib 2] [--shard-gib 1]
-                          [--device cpu|cuda|cpu,cuda] [--workers N] [--repeat N] [--workdir DIR] [--keep]
+                          [--device cpu|cuda|cpu,cuda] [--workers N] [--gpu-workers N[,N...]]
+                          [--repeat N] [--workdir DIR] [--keep]
 
 (bench/dequant.py and bench/convert.py run the same with their step(s) preselected.)
 
@@ -243,7 +244,9 @@ def child(spec: dict) -> dict:
         torch.zeros(1, device="cuda").add_(1)
         torch.cuda.synchronize()
         init = time.perf_counter() - began
-    options = dict(device=spec["device"], workers=spec["workers"], progress=False)
+    options = dict(
+        device=spec["device"], workers=spec["workers"], gpu_workers=spec.get("gpu_workers"), progress=False
+    )
     start = time.perf_counter()
     if spec["step"] == "dequant":
         result = dequantize_checkpoint(src, dst, **options)
@@ -332,6 +335,12 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         help="cpu, cuda, or both (cpu,cuda): each device runs on the same inputs between the same cps",
     )
     parser.add_argument(
+        "--gpu-workers",
+        default=None,
+        help="the converter threads on the GPU in the cuda rows (default: the steps' own); a "
+        "comma-separated list runs a cuda row for each (e.g. 2,4,16)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="run cp in, the step and cp out N times each; print medians"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
@@ -353,6 +362,13 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
     devices = [d.strip() for d in args.device.split(",") if d.strip()]
     if not devices or set(devices) - {"cpu", "cuda"} or len(set(devices)) != len(devices):
         parser.error(f"--device: cpu, cuda or cpu,cuda; got {args.device!r}")
+    # (row label, device, --gpu-workers) of each row: one per --gpu-workers value on CUDA
+    gpu_workers = [None] if args.gpu_workers is None else [int(n) for n in args.gpu_workers.split(",")]
+    setups = [
+        (device if g is None or device == "cpu" else f"cuda g{g}", device, None if device == "cpu" else g)
+        for device in devices
+        for g in (gpu_workers if device == "cuda" else [None])
+    ]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv4-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     reference = reference_config()
@@ -393,39 +409,40 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
             out = work / f"out-{step}"
             spec = dict(step=step, src=str(src), dst=str(out), workers=args.workers)
             spec.update(release=str(release), amax=str(work / "amax.safetensors"))
-            runs = {device: [] for device in devices}
+            runs = {label: [] for label, _, _ in setups}
             for turn in range(max(1, args.repeat)):
                 cp_in = timed_cp(reads, work / "cp-in")
                 results = {}
                 # each device on the same inputs between the same two cps; the order alternates per turn
-                for device in devices if turn % 2 == 0 else devices[::-1]:
+                for label, device, g in setups if turn % 2 == 0 else setups[::-1]:
                     shutil.rmtree(out, ignore_errors=True)
                     warm(reads)
                     settle()
                     profile = None
                     if args.profile_dir is not None:
                         args.profile_dir.mkdir(parents=True, exist_ok=True)
-                        profile = args.profile_dir.resolve() / f"{step}-{device}.txt"
-                    results[device] = run_child(dict(spec, device=device), profile)
+                        profile = args.profile_dir.resolve() / f"{step}-{label.replace(' ', '-')}.txt"
+                    results[label] = run_child(dict(spec, device=device, gpu_workers=g), profile)
                 written = shards(out)  # the same bytes from every device (tests/convert, tests/dequant)
                 cp_out = timed_cp(written, work / "cp-out")
-                for device in devices:
-                    runs[device].append(dict(res=results[device], cp_in=cp_in, cp_out=cp_out))
-            for device in devices:
+                for label in runs:
+                    runs[label].append(dict(res=results[label], cp_in=cp_in, cp_out=cp_out))
+            for label, device, _ in setups:
                 rows.append(
                     dict(
                         step=step,
+                        label=label,
                         device=device,
-                        runs=runs[device],
+                        runs=runs[label],
                         in_bytes=sum(p.stat().st_size for p in reads),
                         in_shard=max(p.stat().st_size for p in reads),
                         out_shard=max(p.stat().st_size for p in written),
                     )
                 )
             shutil.rmtree(out)
-            for device in devices:
-                times = ", ".join(f"{r['res']['seconds']:.1f} s" for r in runs[device])
-                print(f"  {step} on {device}: {times}", flush=True)
+            for label in runs:
+                times = ", ".join(f"{r['res']['seconds']:.1f} s" for r in runs[label])
+                print(f"  {step} on {label}: {times}", flush=True)
     finally:
         if not args.keep:
             for path in work.iterdir():
@@ -433,11 +450,11 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
             if args.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
     print(
-        f"\ndevice={args.device} workers={args.workers}; inputs in the page cache (read with cat) before each "
+        f"\ndevice={args.device} workers={args.workers} gpu-workers={args.gpu_workers or 'default'}; inputs in the page cache (read with cat) before each "
         f"cp and step; every time includes fsync of what it wrote; machine now: {machine()}"
     )
     head = (
-        f"{'step':<10} {'device':<6} {'in GB':>6} {'out GB':>6} {'s':>7} {'read GB/s':>9} {'wr GB/s':>8} {'cp in s':>8} "
+        f"{'step':<10} {'device':<9} {'in GB':>6} {'out GB':>6} {'s':>7} {'read GB/s':>9} {'wr GB/s':>8} {'cp in s':>8} "
         f"{'cp out s':>8} {'vs cp in':>8} {'vs cp out':>9} {'peak RSS':>8} {'base RSS':>8} {'in shard':>8} {'out shard':>9}"
     )
     print(head)
@@ -447,7 +464,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         cp_in, cp_out = (median([x[k] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
         vs_in, vs_out = (median([x[k] / x["res"]["seconds"] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
         print(
-            f"{r['step']:<10} {r['device']:<6} {gb(res['read']):>6} {gb(res['written']):>6} {s:7.1f} {res['read'] / s / 1e9:9.3f} "
+            f"{r['step']:<10} {r['label']:<9} {gb(res['read']):>6} {gb(res['written']):>6} {s:7.1f} {res['read'] / s / 1e9:9.3f} "
             f"{res['written'] / s / 1e9:8.3f} {cp_in:8.1f} {cp_out:8.1f} {vs_in:8.2f} "
             f"{vs_out:9.2f} {gb(max(x['res']['peak_kib'] for x in r['runs']) * 1024):>8} "
             f"{gb(res['base_kib'] * 1024):>8} {gb(r['in_shard']):>8} {gb(r['out_shard']):>9}"
@@ -456,7 +473,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         print("the spread over the runs (each run's vs cp out):")
         for r in rows:
             ratios = sorted(x["cp_out"] / x["res"]["seconds"] for x in r["runs"])
-            print(f"  {r['step']:<10} {r['device']:<6} " + " ".join(f"{v:.2f}" for v in ratios))
+            print(f"  {r['step']:<10} {r['label']:<9} " + " ".join(f"{v:.2f}" for v in ratios))
     inits = [x["res"]["init"] for r in rows for x in r["runs"] if r["device"] == "cuda"]
     if inits:
         print(

@@ -26,6 +26,7 @@ from pipeline.checkpoint import (
     CONFIG_NAME,
     Ahead,
     Checkpoint,
+    Converters,
     Layout,
     OutputPlan,
     PlannedTensor,
@@ -49,7 +50,7 @@ from pipeline.formats import (
 )
 from pipeline.progress import Progress
 from pipeline.release_layout import FP8, MXFP4, PLAIN, WEIGHT_SUFFIX, scale_key, stored_format
-from pipeline.step_options import DEFAULT_SHARD_BYTES, available_cores, default_ahead_bytes
+from pipeline.step_options import DEFAULT_SHARD_BYTES, default_ahead_bytes
 from pipeline.streaming_step import Step, StepResult, run_step
 
 STEP = "dsv4 dequant"
@@ -162,23 +163,22 @@ def convert(src: Source, device: torch.device, keep_on_device: bool = False) -> 
 
 def make_producer(
     plan: DequantPlan,
-    device: torch.device,
-    workers: int,
+    converters: Converters,
     progress: Progress | None,
     ahead: Ahead | None = None,
 ):
-    """A writer producer whose ``workers`` threads convert the tensors after the one being written, as
+    """A writer producer whose converter threads convert the tensors after the one being written, as
     many as ``ahead`` allows (counted in output bytes: BF16 is 3.6x what is read)."""
-    ahead = ahead or Ahead(4 * workers, default_ahead_bytes())
+    ahead = ahead or Ahead(4 * converters.workers, default_ahead_bytes())
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        with producer_pool(workers, "dequant", device) as pool:  # Ctrl-C does not wait for it
+        with producer_pool(converters, "dequant") as pool:  # Ctrl-C does not wait for it
             pending: deque = deque()
             tensors, started, in_flight = shard.tensors, 0, 0
             for _ in tensors:
                 while started < len(tensors) and ahead.room(len(pending), in_flight, tensors[started].nbytes):
                     planned = tensors[started]
-                    pending.append((planned, pool.submit(convert, plan.sources[planned.key], device)))
+                    pending.append((planned, pool.submit(convert, plan.sources[planned.key])))
                     in_flight += planned.nbytes
                     started += 1
                 in_flight -= pending[0][0].nbytes
@@ -200,6 +200,7 @@ def dequant_step(
     *,
     device: str = "auto",
     workers: int | None = None,
+    gpu_workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
 ) -> Step:
@@ -207,7 +208,7 @@ def dequant_step(
     :func:`pipeline.streaming_step.run_step` runs."""
     ckpt = ensure_valid(src, expect=Layout.RELEASE, step=STEP, full_scales=full_scales)
     plan = plan_dequant(ckpt, max_shard_bytes)
-    dev = resolve_device(device)
+    converters = Converters.of(resolve_device(device), workers, gpu_workers)
     counts = plan.counts()
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     files = (
@@ -219,7 +220,7 @@ def dequant_step(
         inputs=[plan.source],
         output=plan.output,
         read_bytes=plan.read_bytes,
-        producer=lambda meter: make_producer(plan, dev, max(1, workers or available_cores()), meter),
+        producer=lambda meter: make_producer(plan, converters, meter),
         headline=f"{sum(counts.values())} tensors ({kinds})",
         counts=counts,
         files=files,
@@ -235,12 +236,19 @@ def dequantize_checkpoint(
     overwrite: bool = False,
     device: str = "auto",
     workers: int | None = None,
+    gpu_workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
 ) -> StepResult:
     """Validate ``src`` (it must be the release layout), plan, and write the BF16 checkpoint to ``dst``."""
-    options = dict(device=device, workers=workers, max_shard_bytes=max_shard_bytes, full_scales=full_scales)
+    options = dict(
+        device=device,
+        workers=workers,
+        gpu_workers=gpu_workers,
+        max_shard_bytes=max_shard_bytes,
+        full_scales=full_scales,
+    )
     return run_step(
         lambda: dequant_step(src, **options), dst, resume=resume, overwrite=overwrite, progress=progress
     )

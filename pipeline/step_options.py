@@ -19,6 +19,12 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Of a step's converter threads on a CUDA device, how many feed the GPU; the others convert on the CPU
+# at the same time (pipeline.checkpoint.producer.Converters). Chosen from bench/stepbench.py
+# --gpu-workers on a lent 16-core GPU machine (docs/benchmarks.md).
+DEFAULT_GPU_WORKERS = 4
+
+
 # How far a step's converters may run ahead of its writer, in bytes of tensors started and not yet
 # written: enough to keep every converter busy while the writer works through a large tensor, small
 # enough that peak memory stays near one tensor per converter plus this, far below a 5 GiB shard.

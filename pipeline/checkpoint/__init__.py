@@ -4,8 +4,9 @@ layout classification and summaries.
 reader       Checkpoint.open(path), read_header, read_index, read_tensor, locate
 writer       write_checkpoint -> WriteResult (crash-safe, resumable), on the modules below it:
 output_plan  PlannedTensor, ShardPlan, OutputPlan, plan_shards
-producer     per_tensor, producer_pool (a producer's thread pool: torch threads per converter, a CUDA
-             stream each, does not hold up Ctrl-C), Ahead (how far its jobs run ahead of the writer)
+producer     per_tensor, Converters (how many converter threads, how many of them on the GPU),
+             producer_pool (their thread pool: torch threads per converter, a CUDA stream each, does
+             not hold up Ctrl-C), Ahead (how far its jobs run ahead of the writer)
 digest       the journal's shard digest (sha256 by pieces, on threads), checked again on --resume
 atomic       write_bytes_atomic, write_json_atomic, copy_file_atomic (temp + fsync + rename)
 lock         LOCK_NAME, one run per output folder
@@ -27,6 +28,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Ahead": ("producer", "Ahead"),
     "CONFIG_NAME": ("reader", "CONFIG_NAME"),
     "Checkpoint": ("reader", "Checkpoint"),
+    "Converters": ("producer", "Converters"),
     "DTYPES": ("dtypes", "BY_NAME"),
     "INDEX_NAME": ("reader", "INDEX_NAME"),
     "JOURNAL_NAME": ("journal", "JOURNAL_NAME"),

@@ -4,8 +4,11 @@ yields its tensors in plan order, made however the step makes them (ahead, in :f
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -35,33 +38,99 @@ def intra_op_threads(workers: int) -> int:
     return max(1, available_cores() // max(1, workers))
 
 
-def _start_worker(threads: int, device: torch.device | None) -> None:
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Converters:
+    """A step's converter threads: ``workers`` of them, ``on_device`` of which run their tensors on
+    ``device`` and the rest on the CPU, every thread taking the next job as it frees up.
+
+    On a 16-core machine the CPU's table kernels keep up with the GPU's round trip (host -> device ->
+    host, pageable), so a GPU that did every tensor alone was slower than the CPU (docs/benchmarks.md);
+    a few threads feeding the GPU beside CPU converters use both. Every format function gives the same
+    bytes on either (tests/device/test_cuda_paths.py), so where a tensor ran never shows in the output."""
+
+    device: torch.device
+    workers: int
+    on_device: int
+
+    @classmethod
+    def of(
+        cls, device: torch.device, workers: int | None = None, gpu_workers: int | None = None
+    ) -> Converters:
+        """``workers`` threads (unset: one per core); on a CUDA ``device``, ``gpu_workers`` of them on it
+        (unset: :data:`~pipeline.step_options.DEFAULT_GPU_WORKERS`, at most ``workers``); errors name the
+        option."""
+        from pipeline.errors import DsV4Error
+        from pipeline.step_options import DEFAULT_GPU_WORKERS, available_cores
+
+        workers = max(1, workers or available_cores())
+        if device.type == "cpu":
+            if gpu_workers:
+                raise DsV4Error(
+                    f"--gpu-workers {gpu_workers}: the device is the CPU (--device cuda for a GPU)"
+                )
+            return cls(device, workers, 0)
+        if gpu_workers is None:
+            gpu_workers = min(workers, DEFAULT_GPU_WORKERS)
+        if not 0 <= gpu_workers <= workers:
+            raise DsV4Error(f"--gpu-workers {gpu_workers}: between 0 and --workers ({workers})")
+        return cls(device, workers, gpu_workers)
+
+    def describe(self) -> str:
+        if self.device.type == "cpu" or self.on_device == 0:
+            return f"{self.workers} CPU converter thread(s)"
+        return f"{self.workers} converter threads, {self.on_device} of them on {self.device}"
+
+
+_thread = threading.local()  # .device: where the converter thread running it puts its tensors
+
+
+def _start_worker(threads: int, converters: Converters, started: Iterator[int]) -> None:
+    # the first on_device threads started run on the device: next() on a count is atomic under the GIL
+    device = converters.device if next(started) < converters.on_device else CPU
+    _thread.device = device
     torch.set_num_threads(threads)
-    if device is not None and device.type == "cuda":
+    if device.type == "cuda":
         # a stream of this thread's own: on the one default stream, every worker's copy back to the host
         # waited for the kernels every other worker had queued before it
         torch.cuda.set_stream(torch.cuda.Stream(device))
 
 
+def _on_thread_device(fn: Callable, args: tuple):
+    return fn(*args, device=_thread.device)
+
+
+class ConverterPool:
+    """The converter threads of :func:`producer_pool`: ``submit(fn, *args)`` runs ``fn(*args,
+    device=...)`` on the next free thread, with that thread's device."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self._executor = executor
+
+    def submit(self, fn: Callable, /, *args) -> Future:
+        return self._executor.submit(_on_thread_device, fn, args)
+
+
 @contextlib.contextmanager
-def producer_pool(
-    workers: int, name: str, device: torch.device | None = None
-) -> Iterator[ThreadPoolExecutor]:
-    """The thread pool a producer converts ahead in: ``workers`` threads, each running torch's CPU ops on
-    :func:`intra_op_threads` threads and, on CUDA, its kernels and copies on a stream of its own.
+def producer_pool(converters: Converters, name: str) -> Iterator[ConverterPool]:
+    """The thread pool a producer converts ahead in: ``converters.workers`` threads, each running torch's
+    CPU ops on :func:`intra_op_threads` threads; those on CUDA run their kernels and copies on a stream
+    of their own.
 
     Leaving it normally waits for the work; leaving it on an error, Ctrl-C or the writer closing the
     producer cancels the queued work and does not wait for the running jobs, so an interrupt is not held
     up by tensors nobody will write."""
     previous = torch.get_num_threads()
     pool = ThreadPoolExecutor(
-        max_workers=workers,
+        max_workers=converters.workers,
         thread_name_prefix=name,
         initializer=_start_worker,
-        initargs=(intra_op_threads(workers), device),
+        initargs=(intra_op_threads(converters.workers), converters, itertools.count()),
     )
     try:
-        yield pool
+        yield ConverterPool(pool)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.step_options import DEFAULT_SHARD_GIB
+from pipeline.step_options import DEFAULT_GPU_WORKERS, DEFAULT_SHARD_GIB
 
 GIB = 1024**3
 
@@ -79,7 +79,7 @@ def add_full_scales(p: argparse.ArgumentParser) -> None:
 def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -> None:
     """What every streaming step (`dsv4 dequant`, `convert`, `slice`) takes: --resume/--overwrite,
     --max-shard-gib, --full-scales, --dry-run, --quiet; and, for steps that convert tensors
-    (``compute``), --device and --workers."""
+    (``compute``), --device, --workers and --gpu-workers."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--resume", action="store_true", help="keep shards a killed run finished, redo the rest"
@@ -98,6 +98,16 @@ def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -
             default=None,
             metavar="N",
             help="converter threads running ahead of the writer; unset: one per core this process may use",
+        )
+        p.add_argument(
+            "--gpu-workers",
+            type=int,
+            default=None,
+            metavar="N",
+            help="with a CUDA device: how many of the converter threads run their tensors on the GPU; the "
+            "others convert on the CPU at the same time (the same bytes either way). unset: "
+            f"{DEFAULT_GPU_WORKERS} (measured on a 16-core GPU machine, docs/benchmarks.md); --workers: "
+            "every tensor on the GPU; 0: none",
         )
     p.add_argument(
         "--max-shard-gib",
@@ -126,5 +136,5 @@ def streaming_step_arguments(args: argparse.Namespace) -> dict:
         progress=not args.quiet,
     )
     if hasattr(args, "workers"):  # a step that converts tensors: add_streaming_options(compute=True)
-        arguments.update(device=args.device, workers=args.workers)
+        arguments.update(device=args.device, workers=args.workers, gpu_workers=args.gpu_workers)
     return arguments

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import torch
 
-from pipeline.checkpoint import Ahead, ShardPlan, producer_pool
+from pipeline.checkpoint import Ahead, Converters, ShardPlan, producer_pool
 from pipeline.step_options import default_ahead_bytes
 
 from .plan import ConvertPlan
@@ -17,23 +17,22 @@ from .runners import RunStats, run_job
 
 def make_producer(
     plan: ConvertPlan,
-    device: torch.device,
-    workers: int,
+    converters: Converters,
     stats: RunStats,
     progress,
     ahead: Ahead | None = None,
 ):
-    """Writer producer: runs each output's job in ``workers`` threads, starting the jobs of the outputs
+    """Writer producer: runs each output's job on the ``converters`` threads, starting the jobs of the outputs
     after the one being written as far as ``ahead`` allows (counted in bytes read), and keeps a job's
     other outputs (an FP8 weight's scale, w3's unified scales) until their turn comes.
 
     The window is counted in jobs, not in output keys: a job with several outputs (w1 and w3 of an
     expert transcoded together: six keys) once used up the whole lookahead, leaving converters idle."""
-    ahead = ahead or Ahead(4 * workers, default_ahead_bytes())
+    ahead = ahead or Ahead(4 * converters.workers, default_ahead_bytes())
     done: dict[str, torch.Tensor] = {}
 
     def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
-        with producer_pool(workers, "convert", device) as pool:  # Ctrl-C does not wait for it
+        with producer_pool(converters, "convert") as pool:  # Ctrl-C does not wait for it
             running: dict[str, Future] = {}
             in_flight = 0
 
@@ -41,7 +40,7 @@ def make_producer(
                 nonlocal in_flight
                 name = plan.job_of[key]
                 if key not in done and name not in running:
-                    running[name] = pool.submit(run_job, plan.jobs[name], device, stats)
+                    running[name] = pool.submit(run_job, plan.jobs[name], stats)
                     in_flight += plan.jobs[name].read_bytes
 
             def finish(key: str) -> tuple[str, torch.Tensor]:

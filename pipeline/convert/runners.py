@@ -260,7 +260,7 @@ RUNNERS: dict[str, Callable] = {
 }
 
 
-def run_job(job: Job, device: torch.device, stats: RunStats) -> tuple[torch.Tensor, ...]:
+def run_job(job: Job, stats: RunStats, device: torch.device) -> tuple[torch.Tensor, ...]:
     tensors = [read_tensor(i) for i in job.inputs]
     # every scale and FP8 weight a job reads is checked here, where it is read: validation samples the
     # scales, so a bad one it missed is named (file and key) instead of failing inside an action

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.checkpoint import CONFIG_NAME
+from pipeline.checkpoint import CONFIG_NAME, Converters
 from pipeline.device import resolve_device
-from pipeline.step_options import DEFAULT_SHARD_BYTES, available_cores
+from pipeline.step_options import DEFAULT_SHARD_BYTES
 from pipeline.streaming_step import Step, StepResult, run_step
 from pipeline.vllm_config import DEFAULT_TARGET, HF_QUANT_CONFIG
 from pipeline.vllm_config import dumps as config_dumps
@@ -56,6 +56,7 @@ def convert_step(
     target_vllm: str = DEFAULT_TARGET,
     device: str = "auto",
     workers: int | None = None,
+    gpu_workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     experts: str | None = None,
@@ -75,7 +76,7 @@ def convert_step(
         amax=amax,
         recipe=recipe,
     )
-    dev = resolve_device(device)
+    converters = Converters.of(resolve_device(device), workers, gpu_workers)
     stats = RunStats()
     files = {
         name: config_dumps(obj)
@@ -93,7 +94,7 @@ def convert_step(
         inputs=[p for p in (plan.export, plan.release) if p is not None] + ([Path(amax)] if amax else []),
         output=plan.output(),
         read_bytes=plan.read_bytes,
-        producer=lambda meter: make_producer(plan, dev, max(1, workers or available_cores()), stats, meter),
+        producer=lambda meter: make_producer(plan, converters, stats, meter),
         headline=(
             f"{len(plan.layout)} tensors from the release + a {plan.amax['format']} amax file"
             if plan.amax
@@ -119,6 +120,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     device: str = "auto",
     workers: int | None = None,
+    gpu_workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     full_scales: bool = False,
     progress: bool = True,
@@ -134,6 +136,7 @@ def convert_checkpoint(
         target_vllm=target_vllm,
         device=device,
         workers=workers,
+        gpu_workers=gpu_workers,
         max_shard_bytes=max_shard_bytes,
         full_scales=full_scales,
         experts=experts,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pipeline.dequant as D
-from pipeline.checkpoint import Ahead, PlannedTensor
+from pipeline.checkpoint import Ahead, Converters, PlannedTensor
 from pipeline.checkpoint.output_plan import plan_shards
 
 pytestmark = pytest.mark.unit
@@ -40,7 +40,7 @@ def test_dequant_producer_keeps_to_the_window(monkeypatch, jobs, budget):
     sources = {p.key: SimpleNamespace(key=p.key, n=p.nbytes, read_bytes=p.nbytes) for p in planned}
     plan = SimpleNamespace(sources=sources)
     shard = plan_shards(planned, max_shard_bytes=10**9).shards[0]
-    produce = D.make_producer(plan, torch.device("cpu"), 2, None, Ahead(jobs, budget))
+    produce = D.make_producer(plan, Converters.of(torch.device("cpu"), 2), None, Ahead(jobs, budget))
     got = []
     for key, t in produce(shard):  # the generator is suspended here: nothing new starts meanwhile
         with lock:

@@ -54,10 +54,10 @@ CHILD = textwrap.dedent(
     elif step == "convert":
         import pipeline.convert.produce as m
         real = m.run_job
-        def slow(job, device, stats):
+        def slow(job, stats, device):
             if victim in job.outputs:
                 hold()
-            return real(job, device, stats)
+            return real(job, stats, device)
         m.run_job = slow
     else:
         import pipeline.slice.step as m

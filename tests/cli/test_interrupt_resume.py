@@ -44,11 +44,11 @@ CHILD = textwrap.dedent(
     else:
         import pipeline.convert.produce as m
         real = m.run_job
-        def slow(job, device, stats):
+        def slow(job, stats, device):
             if victim in job.outputs:
                 pathlib.Path(ready).touch()
                 time.sleep(600)
-            return real(job, device, stats)
+            return real(job, stats, device)
         m.run_job = slow
     from pipeline.cli import main
     sys.argv = ["dsv4", step, src, dst, "--quiet", "--max-shard-gib", gib, "--workers", "1"]

@@ -138,11 +138,11 @@ CONVERT_KILLER = textwrap.dedent(
     import pipeline.convert.produce as c
     real = c.run_job
     ready = pathlib.Path(sys.argv[3])
-    def slow(job, device, stats):
+    def slow(job, stats, device):
         if sys.argv[4] in job.outputs:
             ready.touch()
             time.sleep(600)
-        return real(job, device, stats)
+        return real(job, stats, device)
     c.run_job = slow
     from pipeline.cli import main
     sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--quiet", "--max-shard-gib", "0.0003", "--workers", "1"]))

@@ -61,14 +61,24 @@ def test_format_on_cuda_gives_the_cpu_bytes(name, shape):
     assert all(_same(a, b) for a, b in zip(on_cpu, on_gpu, strict=True))
 
 
-def test_dequant_on_cuda_writes_the_cpu_bytes(tmp_path):
+# where the converter threads put their tensors: every one on the GPU, or one thread on it beside three
+# converting on the CPU (the default mix, pipeline.checkpoint.producer.Converters)
+THREADS = {"all-on-gpu": dict(workers=4, gpu_workers=4), "gpu-beside-cpu": dict(workers=4, gpu_workers=1)}
+
+
+@pytest.fixture(params=sorted(THREADS))
+def on_cuda(request) -> dict:
+    return dict(device="cuda", **THREADS[request.param])
+
+
+def test_dequant_on_cuda_writes_the_cpu_bytes(tmp_path, on_cuda):
     from harness.checkpoints import tree_digest
     from harness.tiny import build_tiny_release
     from pipeline.dequant import dequantize_checkpoint
 
     src = build_tiny_release(tmp_path / "release", "vllm-shaped", seed=0)
     dequantize_checkpoint(src, tmp_path / "cpu", device="cpu", progress=False)
-    dequantize_checkpoint(src, tmp_path / "cuda", device="cuda", progress=False)
+    dequantize_checkpoint(src, tmp_path / "cuda", progress=False, **on_cuda)
     assert tree_digest(tmp_path / "cpu") == tree_digest(tmp_path / "cuda")
 
 
@@ -81,7 +91,7 @@ def test_dequant_on_cuda_writes_the_cpu_bytes(tmp_path):
     ],
     ids=["full-H-separate", "experts-graft", "transcode"],
 )
-def test_convert_on_cuda_writes_the_cpu_bytes(tmp_path, recipe, dialect, w13, options):
+def test_convert_on_cuda_writes_the_cpu_bytes(tmp_path, recipe, dialect, w13, options, on_cuda):
     from harness.checkpoints import tree_digest
     from harness.exports import build_synthetic_export
     from harness.tiny import build_tiny_release
@@ -96,12 +106,12 @@ def test_convert_on_cuda_writes_the_cpu_bytes(tmp_path, recipe, dialect, w13, op
         "experts": options.get("experts", "export"),
     }
     cpu = convert_checkpoint(export, tmp_path / "cpu", device="cpu", progress=False, **kw)
-    gpu = convert_checkpoint(export, tmp_path / "cuda", device="cuda", progress=False, **kw)
+    gpu = convert_checkpoint(export, tmp_path / "cuda", progress=False, **kw, **on_cuda)
     assert tree_digest(cpu.out_dir) == tree_digest(gpu.out_dir)
     assert gpu.stats.unify.rel_error == pytest.approx(cpu.stats.unify.rel_error, rel=1e-6)
 
 
-def test_convert_amax_on_cuda_writes_the_cpu_bytes(tmp_path):
+def test_convert_amax_on_cuda_writes_the_cpu_bytes(tmp_path, on_cuda):
     from harness.amax_files import write_amax
     from harness.checkpoints import tree_digest
     from harness.tiny import build_tiny_release
@@ -123,7 +133,7 @@ def test_convert_amax_on_cuda_writes_the_cpu_bytes(tmp_path):
     }
     amax = write_amax(release, tmp_path / "amax.safetensors", extra=extra)
     cpu = convert_checkpoint(release, tmp_path / "cpu", amax=amax, device="cpu", progress=False)
-    gpu = convert_checkpoint(release, tmp_path / "cuda", amax=amax, device="cuda", progress=False)
+    gpu = convert_checkpoint(release, tmp_path / "cuda", amax=amax, progress=False, **on_cuda)
     assert tree_digest(cpu.out_dir) == tree_digest(gpu.out_dir)
 
 
