@@ -24,6 +24,7 @@ import torch
 
 from pipeline.checkpoint import (
     CONFIG_NAME,
+    AcrossShards,
     Ahead,
     Checkpoint,
     Converters,
@@ -168,13 +169,17 @@ def make_producer(
     ahead: Ahead | None = None,
 ):
     """A writer producer whose converter threads convert the tensors after the one being written, as
-    many as ``ahead`` allows (counted in output bytes: BF16 is 3.6x what is read)."""
-    ahead = ahead or Ahead(4 * converters.workers, default_ahead_bytes())
+    many as ``ahead`` allows (counted in output bytes: BF16 is 3.6x what is read).
 
-    def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    Its jobs ask for no GPU thread: on the CPU they are table lookups that keep up with the disk, and on
+    a GPU each would copy 4.6x its input across and back (they run there with no CPU threads)."""
+    ahead = ahead or Ahead(4 * converters.threads, default_ahead_bytes())
+
+    def produce(shards: list[ShardPlan]) -> Iterator[tuple[str, torch.Tensor]]:
         with producer_pool(converters, "dequant") as pool:  # Ctrl-C does not wait for it
             pending: deque = deque()
-            tensors, started, in_flight = shard.tensors, 0, 0
+            tensors = [t for shard in shards for t in shard.tensors]
+            started, in_flight = 0, 0
             for _ in tensors:
                 while started < len(tensors) and ahead.room(len(pending), in_flight, tensors[started].nbytes):
                     planned = tensors[started]
@@ -184,7 +189,7 @@ def make_producer(
                 in_flight -= pending[0][0].nbytes
                 yield _finish(pending.popleft(), plan, progress)
 
-    return produce
+    return AcrossShards(produce)
 
 
 def _finish(item, plan: DequantPlan, progress: Progress | None) -> tuple[str, torch.Tensor]:

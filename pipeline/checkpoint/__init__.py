@@ -4,9 +4,10 @@ layout classification and summaries.
 reader       Checkpoint.open(path), read_header, read_index, read_tensor, locate
 writer       write_checkpoint -> WriteResult (crash-safe, resumable), on the modules below it:
 output_plan  PlannedTensor, ShardPlan, OutputPlan, plan_shards
-producer     per_tensor, Converters (how many converter threads, how many of them on the GPU),
-             producer_pool (their thread pool: torch threads per converter, a CUDA stream each, does
-             not hold up Ctrl-C), Ahead (how far its jobs run ahead of the writer)
+producer     per_tensor, AcrossShards (a producer streaming every shard as one), Converters (how
+             many converter threads on the CPU and on the GPU), producer_pool (their thread pools: torch
+             threads per converter, a CUDA stream each, does not hold up Ctrl-C), Ahead (how far its
+             jobs run ahead of the writer)
 digest       the journal's shard digest (sha256 by pieces, on threads), checked again on --resume
 atomic       write_bytes_atomic, write_json_atomic, copy_file_atomic (temp + fsync + rename)
 lock         LOCK_NAME, one run per output folder
@@ -25,6 +26,7 @@ import importlib
 # name -> (submodule, its name there). Loaded on first use (PEP 562), so that a module needing only the
 # layout table or the dtype names (`dsv4 validate --help`) does not import torch with the reader.
 _EXPORTS: dict[str, tuple[str, str]] = {
+    "AcrossShards": ("producer", "AcrossShards"),
     "Ahead": ("producer", "Ahead"),
     "CONFIG_NAME": ("reader", "CONFIG_NAME"),
     "Checkpoint": ("reader", "Checkpoint"),

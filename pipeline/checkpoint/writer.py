@@ -29,6 +29,7 @@ rename), lock, journal; it re-exports the names callers import from here.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -215,17 +216,28 @@ def _write_locked(
     write_json_atomic(out / JOURNAL_NAME, journal)
 
     written: list[str] = []
-    for i, sh in enumerate(plan.shards):
-        if sh.name in finished:
-            say(f"[{i + 1}/{len(plan.shards)}] {sh.name}: finished earlier, kept")
-            continue
-        say(f"[{i + 1}/{len(plan.shards)}] {sh.name}: writing {sh.file_size / GIB:.2f} GiB")
-        size, sha = _write_shard(sh, out, produce)
-        done = {**journal["finished"], sh.name: digest.record(size, sha)}
-        # in plan order, however the shards came to be finished: a resumed run's journal equals a whole run's
-        journal["finished"] = {s.name: done[s.name] for s in plan.shards if s.name in done}
-        write_json_atomic(out / JOURNAL_NAME, journal)
-        written.append(sh.name)
+    # a producer that streams across shards gets every shard to write at once (producer.AcrossShards)
+    across = getattr(produce, "across", None)
+    stream = iter(across(todo)) if across is not None else None
+    try:
+        for i, sh in enumerate(plan.shards):
+            if sh.name in finished:
+                say(f"[{i + 1}/{len(plan.shards)}] {sh.name}: finished earlier, kept")
+                continue
+            say(f"[{i + 1}/{len(plan.shards)}] {sh.name}: writing {sh.file_size / GIB:.2f} GiB")
+            items = produce(sh) if stream is None else itertools.islice(stream, len(sh.tensors))
+            size, sha = _write_shard(sh, out, items)
+            done = {**journal["finished"], sh.name: digest.record(size, sha)}
+            # in plan order, however the shards came to be finished: a resumed run's journal equals a whole run's
+            journal["finished"] = {s.name: done[s.name] for s in plan.shards if s.name in done}
+            write_json_atomic(out / JOURNAL_NAME, journal)
+            written.append(sh.name)
+        if stream is not None and (extra := next(stream, None)) is not None:
+            raise DsV4Error(f"{out}: key {extra[0]}: the producer yielded more tensors than the shards plan")
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # stops its converters (a Ctrl-C or an error does not wait for them)
+            close()
     for e in extras:
         copy_file_atomic(e, out)
     _check_inputs_still(out, fingerprint, inputs)
@@ -278,13 +290,13 @@ class _Writeback:
         self._previous, self._started = self._started, end
 
 
-def _write_shard(sh: ShardPlan, out: Path, produce: Producer) -> tuple[int, str]:
+def _write_shard(sh: ShardPlan, out: Path, produced: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, str]:
     final = out / sh.name
     tmp = out / f".{sh.name}{PARTIAL_SUFFIX}"
     h = digest.PieceHasher()
     size = 0
     key: str | None = None
-    items = iter(produce(sh))
+    items = iter(produced)
     producing = False  # an OSError raised by the producer (reading its input) is its own, not a write error
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

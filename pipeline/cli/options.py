@@ -97,17 +97,17 @@ def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -
             type=int,
             default=None,
             metavar="N",
-            help="converter threads running ahead of the writer; unset: one per core this process may use",
+            help="CPU converter threads running ahead of the writer; unset: one per core this process may "
+            "use; 0 (with a CUDA device): every tensor on the GPU",
         )
         p.add_argument(
             "--gpu-workers",
             type=int,
             default=None,
             metavar="N",
-            help="with a CUDA device: how many of the converter threads run their tensors on the GPU; the "
-            "others convert on the CPU at the same time (the same bytes either way). unset: "
-            f"{DEFAULT_GPU_WORKERS} (measured on a 16-core GPU machine, docs/benchmarks.md); --workers: "
-            "every tensor on the GPU; 0: none",
+            help="with a CUDA device: threads feeding the GPU the jobs it does faster (re-quantizing, "
+            "NVFP4 <-> FP8), beside the CPU threads, which take the rest (table lookups, copies) and any "
+            f"such job the GPU threads are too busy for; the same bytes either way. unset: {DEFAULT_GPU_WORKERS}",
         )
     p.add_argument(
         "--max-shard-gib",

@@ -8,11 +8,11 @@ from concurrent.futures import Future
 
 import torch
 
-from pipeline.checkpoint import Ahead, Converters, ShardPlan, producer_pool
+from pipeline.checkpoint import AcrossShards, Ahead, Converters, ShardPlan, producer_pool
 from pipeline.step_options import default_ahead_bytes
 
 from .plan import ConvertPlan
-from .runners import RunStats, run_job
+from .runners import GPU_ACTIONS, RunStats, run_job
 
 
 def make_producer(
@@ -28,10 +28,10 @@ def make_producer(
 
     The window is counted in jobs, not in output keys: a job with several outputs (w1 and w3 of an
     expert transcoded together: six keys) once used up the whole lookahead, leaving converters idle."""
-    ahead = ahead or Ahead(4 * converters.workers, default_ahead_bytes())
+    ahead = ahead or Ahead(4 * converters.threads, default_ahead_bytes())
     done: dict[str, torch.Tensor] = {}
 
-    def produce(shard: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    def produce(shards: list[ShardPlan]) -> Iterator[tuple[str, torch.Tensor]]:
         with producer_pool(converters, "convert") as pool:  # Ctrl-C does not wait for it
             running: dict[str, Future] = {}
             in_flight = 0
@@ -40,7 +40,8 @@ def make_producer(
                 nonlocal in_flight
                 name = plan.job_of[key]
                 if key not in done and name not in running:
-                    running[name] = pool.submit(run_job, plan.jobs[name], stats)
+                    job = plan.jobs[name]
+                    running[name] = pool.submit(run_job, job, stats, gpu=job.action in GPU_ACTIONS)
                     in_flight += plan.jobs[name].read_bytes
 
             def finish(key: str) -> tuple[str, torch.Tensor]:
@@ -60,7 +61,7 @@ def make_producer(
                         done[k] = t
                 return key, results[job.outputs.index(key)]
 
-            keys = [planned.key for planned in shard.tensors]
+            keys = [planned.key for shard in shards for planned in shard.tensors]
             started = 0
             for i, key in enumerate(keys):
                 # never behind the key being written: a job started for a key already written would
@@ -73,7 +74,7 @@ def make_producer(
                     started += 1
                 yield finish(key)
 
-    return produce
+    return AcrossShards(produce)
 
 
 __all__ = ["make_producer"]

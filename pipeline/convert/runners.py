@@ -260,6 +260,24 @@ RUNNERS: dict[str, Callable] = {
 }
 
 
+# The actions a job asks a GPU thread for (pipeline.checkpoint.producer.Converters): float arithmetic
+# over every element, which a GPU does many times faster than a CPU core. The others are table lookups
+# (transcode), a few scales (unify) or copies: CPU threads keep up with the disk on them, where a GPU
+# would first copy the tensors across and back (docs/benchmarks.md, the H100 runs of 2026-12-06).
+GPU_ACTIONS = frozenset(
+    {
+        M.NVFP4_TO_FP8,
+        M.NVFP4_TO_BF16,
+        M.BF16_TO_FP8,
+        M.BF16_TO_NVFP4,
+        M.REQUANTIZE_EXPERT,
+        M.FP8_VIA_NVFP4,
+        M.BF16_VIA_NVFP4,
+        M.FP8_REQUANT,
+    }
+)
+
+
 def run_job(job: Job, stats: RunStats, device: torch.device) -> tuple[torch.Tensor, ...]:
     tensors = [read_tensor(i) for i in job.inputs]
     # every scale and FP8 weight a job reads is checked here, where it is read: validation samples the
@@ -282,4 +300,4 @@ def run_action(job: Job, tensors: list[torch.Tensor], device: torch.device, stat
         raise DsV4Error(f"{where}: cannot {job.action}: {err}") from err
 
 
-__all__ = ["RUNNERS", "RunStats", "TranscodeStats", "UnifyStats", "run_action", "run_job"]
+__all__ = ["GPU_ACTIONS", "RUNNERS", "RunStats", "TranscodeStats", "UnifyStats", "run_action", "run_job"]

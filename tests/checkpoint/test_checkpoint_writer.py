@@ -320,3 +320,66 @@ def test_the_journal_records_each_shards_digest_and_resumes_a_journal_from_befor
     journal["complete"] = False
     (out / JOURNAL_NAME).write_text(json.dumps(journal))
     assert write_checkpoint(demo_plan(), out, produce, resume=True).written == [name]
+
+
+class _Stream:
+    """An AcrossShards producer over make_tensor that records what the writer asked of it."""
+
+    def __init__(self, extra: bool = False, fail_at: str | None = None, stop_at: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.closed = False
+        self.extra, self.fail_at, self.stop_at = extra, fail_at, stop_at
+
+    def _stream(self, shards):
+        self.calls.append([sh.name for sh in shards])
+        try:
+            for sh in shards:
+                for pt in sh.tensors:
+                    if pt.key == self.fail_at:
+                        raise RuntimeError("boom")
+                    if pt.key == self.stop_at:
+                        return
+                    yield pt.key, make_tensor(pt)
+            if self.extra:
+                yield "one.too.many", torch.zeros(1)
+        finally:
+            self.closed = True
+
+    def producer(self):
+        from pipeline.checkpoint import AcrossShards
+
+        return AcrossShards(self._stream)
+
+
+def test_a_producer_across_shards_is_asked_once_for_every_shard_to_write(tmp_path, reference_output):
+    out = tmp_path / "out"
+    whole = _Stream()
+    write_checkpoint(demo_plan(), out, whole.producer())
+    assert whole.calls == [[sh.name for sh in demo_plan().shards]] and whole.closed
+    assert file_bytes(out) == reference_output
+    # resumed, it is asked for the shards left to write only, and writes the same bytes
+    (out / "model-00002-of-00003.safetensors").unlink()
+    resumed = _Stream()
+    assert write_checkpoint(demo_plan(), out, resumed.producer(), resume=True).written == [
+        "model-00002-of-00003.safetensors"
+    ]
+    assert resumed.calls == [["model-00002-of-00003.safetensors"]]
+    assert file_bytes(out) == reference_output
+
+
+def test_a_producer_across_shards_is_closed_on_an_error_and_its_extras_refused(tmp_path):
+    failing = _Stream(fail_at="s1.t1")
+    with pytest.raises(RuntimeError, match="boom"):
+        write_checkpoint(demo_plan(), tmp_path / "a", failing.producer())
+    assert failing.closed
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        JOURNAL_NAME,
+        "model-00001-of-00003.safetensors",
+    ]
+    with pytest.raises(
+        DsV4Error, match=r"key one\.too\.many: the producer yielded more tensors than the shards plan"
+    ):
+        write_checkpoint(demo_plan(), tmp_path / "b", _Stream(extra=True).producer())
+    # stopping short is named with the key it did not yield
+    with pytest.raises(DsV4Error, match=r"key s2\.t3: the producer stopped before yielding it"):
+        write_checkpoint(demo_plan(), tmp_path / "c", _Stream(stop_at="s2.t3").producer())

@@ -2,6 +2,7 @@
 dequant producer keeps to it: its converters never hold more than the window's jobs and bytes."""
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -48,3 +49,33 @@ def test_dequant_producer_keeps_to_the_window(monkeypatch, jobs, budget):
         got.append((key, t.numel()))
     assert got == [(p.key, p.nbytes) for p in planned]  # every tensor, in plan order
     assert not broken, broken
+
+
+def test_dequant_producer_runs_ahead_across_a_shards_end(monkeypatch):
+    """Streaming several shards, the converters start the next shard's tensors before the writer has
+    the last of the current one (per shard, the pool emptied at each shard's end)."""
+    planned = [PlannedTensor(f"t{i}", "U8", (100,)) for i in range(12)]
+    live: set[str] = set()
+    lock = threading.Lock()
+
+    def convert(src, device):
+        with lock:
+            live.add(src.key)
+        return torch.zeros(src.n, dtype=torch.uint8)
+
+    monkeypatch.setattr(D, "convert", convert)
+    plan = SimpleNamespace(
+        sources={p.key: SimpleNamespace(key=p.key, n=p.nbytes, read_bytes=p.nbytes) for p in planned}
+    )
+    shards = plan_shards(planned, max_shard_bytes=400).shards
+    assert [len(s.tensors) for s in shards] == [4, 4, 4]
+    produce = D.make_producer(plan, Converters.of(torch.device("cpu"), 2), None, Ahead(6, 10**9))
+    got = []
+    for key, _ in produce.across(shards):
+        if key == shards[0].tensors[-1].key:
+            time.sleep(0.2)  # the converters have had time to start all they may
+            with lock:
+                ahead_of_the_end = live & {t.key for t in shards[1].tensors}
+            assert ahead_of_the_end, "nothing of the second shard was started before the first was written"
+        got.append(key)
+    assert got == [p.key for p in planned]

@@ -58,22 +58,43 @@ def test_the_callers_count_is_restored_after_an_error(monkeypatch):
     assert later == [before]
 
 
-@pytest.mark.parametrize("workers, on_device", [(4, 1), (4, 2), (3, 3), (3, 0)])
-def test_the_threads_asked_for_run_on_the_device_and_the_rest_on_the_cpu(workers, on_device):
-    together = threading.Barrier(workers)  # every job waits for the others: each runs on its own thread
+def _where(device: torch.device) -> tuple[str, torch.device]:
+    return threading.current_thread().name, device
 
-    def where(device: torch.device) -> tuple[str, torch.device]:
-        together.wait(timeout=30)
-        return threading.current_thread().name, device
 
-    converters = Converters.of(ACCELERATOR, workers, on_device)
+@pytest.mark.parametrize("workers, gpu_workers", [(3, 1), (2, 2), (0, 2), (3, 0)])
+def test_jobs_that_ask_for_the_gpu_take_its_free_threads_and_the_rest_run_on_the_cpu(workers, gpu_workers):
+    converters = Converters.of(ACCELERATOR, workers, gpu_workers)
+    release = threading.Event()
+
+    def held(device: torch.device):  # keeps its thread busy until released
+        release.wait(timeout=30)
+        return _where(device)
+
     with producer_pool(converters, "test") as pool:
-        seen = [f.result() for f in [pool.submit(where) for _ in range(3 * workers)]]
-    threads = dict(seen)
-    assert len(seen) == len(set(seen)) * 3 == 3 * workers  # a thread keeps its device from job to job
-    assert (
-        Counter(threads.values()) == Counter({ACCELERATOR: on_device, CPU: workers - on_device}) - Counter()
-    )
+        # as many jobs asking for the GPU as there are GPU threads, then one more, and one not asking
+        asking = [pool.submit(held, gpu=True) for _ in range(gpu_workers + 1)]
+        other = pool.submit(held)
+        release.set()
+        asked = [f.result() for f in asking]
+    where_asked = Counter(device for _, device in asked)
+    if workers == 0:  # no CPU thread: everything on the GPU
+        assert where_asked == Counter({ACCELERATOR: gpu_workers + 1})
+        assert other.result()[1] == ACCELERATOR
+        return
+    # every GPU thread got one, and the job that found them all busy went to a CPU thread
+    assert where_asked == Counter({ACCELERATOR: gpu_workers, CPU: 1}) - Counter()
+    assert other.result()[1] == CPU  # a job that does not ask never goes to the GPU
+    gpu_threads = {name for name, device in asked if device == ACCELERATOR}
+    assert len(gpu_threads) == gpu_workers
+
+
+def test_a_gpu_thread_is_asked_again_once_free():
+    with producer_pool(Converters.of(ACCELERATOR, 1, 1), "test") as pool:
+        # one after the other: each finds the one GPU thread free again
+        seen = [pool.submit(_where, gpu=True).result() for _ in range(5)]
+    assert {device for _, device in seen} == {ACCELERATOR}
+    assert len({name for name, _ in seen}) == 1
 
 
 def test_converters_default_and_refusals(monkeypatch):
@@ -82,9 +103,12 @@ def test_converters_default_and_refusals(monkeypatch):
     monkeypatch.setattr(step_options, "available_cores", lambda: 16)
     assert Converters.of(CPU) == Converters(CPU, 16, 0)
     assert Converters.of(ACCELERATOR) == Converters(ACCELERATOR, 16, DEFAULT_GPU_WORKERS)
-    assert Converters.of(ACCELERATOR, 2) == Converters(ACCELERATOR, 2, min(2, DEFAULT_GPU_WORKERS))
-    assert Converters.of(ACCELERATOR, 8, 8) == Converters(ACCELERATOR, 8, 8)
-    with pytest.raises(DsV4Error, match=r"--gpu-workers 9: between 0 and --workers \(8\)"):
-        Converters.of(ACCELERATOR, 8, 9)
-    with pytest.raises(DsV4Error, match="--gpu-workers 2: the device is the CPU"):
-        Converters.of(CPU, 8, 2)
+    assert Converters.of(ACCELERATOR, 0, 8).threads == 8
+    for args, message in [
+        ((CPU, 8, 2), "--gpu-workers 2: the device is the CPU"),
+        ((CPU, 0, None), "--workers 0 leaves no converter thread on the CPU"),
+        ((ACCELERATOR, 0, 0), "no converter thread at all"),
+        ((ACCELERATOR, -1, 2), "a count is at least 0"),
+    ]:
+        with pytest.raises(DsV4Error, match=message):
+            Converters.of(*args)

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.cli import SUBCOMMANDS, build_parser, command_names
 from pipeline.cli import main as dsv4
+from pipeline.step_options import DEFAULT_GPU_WORKERS
 
 pytestmark = pytest.mark.unit
 
@@ -125,9 +126,11 @@ def test_help_shows_the_defaults_that_say_something(capsys):
     assert "largest output shard, GiB of tensor data (default: 5.0)" in text
     assert "(default: False)" not in text and "(default: None)" not in text
     assert re.search(
-        r"--workers N\s+converter threads running ahead of the writer; unset: one per core this process may use",
+        r"--workers N\s+CPU converter threads running ahead of the writer; unset: one per core this process "
+        r"may use",
         text,
     )
+    assert re.search(rf"--gpu-workers N\s+with a CUDA device: .* unset: {DEFAULT_GPU_WORKERS}", text)
 
 
 def test_target_vllm_is_one_option_everywhere():

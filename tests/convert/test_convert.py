@@ -340,6 +340,14 @@ def test_every_action_that_writes_has_a_runner():
     assert set(RUNNERS) == set(M.ACTION_NAMES) - {M.DROP}
 
 
+def test_the_jobs_that_ask_for_a_gpu_thread_are_actions_that_compute():
+    from pipeline.convert.runners import GPU_ACTIONS, RUNNERS
+
+    assert GPU_ACTIONS.issubset(RUNNERS)
+    # copies and the table-lookup transcode stay on the CPU threads (docs/benchmarks.md)
+    assert not GPU_ACTIONS & {M.COPY, M.KEEP_NVFP4, M.GRAFT, M.CAST, M.TRANSCODE, M.UNIFY_W13}
+
+
 # ---- --experts transcode (issue: recipe transcode) --------------------------------------------------
 
 

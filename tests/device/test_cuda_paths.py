@@ -61,9 +61,9 @@ def test_format_on_cuda_gives_the_cpu_bytes(name, shape):
     assert all(_same(a, b) for a, b in zip(on_cpu, on_gpu, strict=True))
 
 
-# where the converter threads put their tensors: every one on the GPU, or one thread on it beside three
-# converting on the CPU (the default mix, pipeline.checkpoint.producer.Converters)
-THREADS = {"all-on-gpu": dict(workers=4, gpu_workers=4), "gpu-beside-cpu": dict(workers=4, gpu_workers=1)}
+# where the converter threads put their tensors (pipeline.checkpoint.producer.Converters): every one on
+# the GPU (no CPU threads), or the step's own mix (the jobs that ask for the GPU on its thread when free)
+THREADS = {"all-on-gpu": dict(workers=0, gpu_workers=2), "gpu-beside-cpu": dict(workers=2, gpu_workers=1)}
 
 
 @pytest.fixture(params=sorted(THREADS))
