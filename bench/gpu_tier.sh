@@ -16,7 +16,8 @@
 #                                 layer (bench/layer_bench.py: one full-size V4 Pro layer calibrated and
 #                                 converted on the GPU, ~17 GiB of disk), steps (bench/stepbench.py: dequant,
 #                                 convert experts/full/transcode and convert --amax, CUDA and CPU in one
-#                                 run; STEPBENCH_ARGS, default "--gib 3 --repeat 2"), bytes (only the
+#                                 run; STEPBENCH_ARGS, default "--gib 3 --repeat 2"; add e.g.
+#                                 "--gpu-workers 2,4,8" for a cuda row per GPU thread count), bytes (only the
 #                                 CUDA == CPU byte tests of tests/device/test_cuda_paths.py: no ModelOpt
 #                                 needed, ~20 s)
 #
@@ -95,5 +96,5 @@ run() {
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,23p' "$0"; exit 2 ;;
+  *) sed -n '2,24p' "$0"; exit 2 ;;
 esac

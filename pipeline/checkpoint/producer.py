@@ -13,8 +13,8 @@ import torch
 
 from .output_plan import PlannedTensor, ShardPlan
 
-# A producer gets one ShardPlan and yields (key, tensor) for its tensors, in plan order. One made by
-# across_shards also streams every shard the writer will write, in one go (see AcrossShards).
+# A producer gets one ShardPlan and yields (key, tensor) for its tensors, in plan order. An AcrossShards
+# producer can also stream every shard the writer will write in one go.
 Producer = Callable[[ShardPlan], Iterable[tuple[str, torch.Tensor]]]
 
 

@@ -3,7 +3,8 @@
 The output is planned up front from headers (:class:`OutputPlan`: shards, each an ordered list of
 (key, dtype, shape)), so every size, the disk need and the final index are known before any data is
 produced. :func:`write_checkpoint` then writes one shard at a time, tensor by tensor, as a producer
-yields them:
+yields them (a producer that can, :class:`.producer.AcrossShards`, is asked once for every shard left
+to write, so that its converters run on across each shard's end):
 
 * each shard goes to ``.<name>.partial`` in the output dir, is flushed, fsynced and renamed;
 * a journal (``.dsv4-progress.json``) records each finished shard with its size and digest (sha256 by
