@@ -106,8 +106,9 @@ def add_streaming_options(p: argparse.ArgumentParser, *, compute: bool = True) -
             default=None,
             metavar="N",
             help="with a CUDA device: threads feeding the GPU the jobs it does faster (re-quantizing, "
-            "NVFP4 <-> FP8), beside the CPU threads, which take the rest (table lookups, copies) and any "
-            f"such job the GPU threads are too busy for; the same bytes either way. unset: {DEFAULT_GPU_WORKERS}",
+            "NVFP4 <-> FP8; dequant has none), beside the CPU threads, which take the rest (table "
+            "lookups, copies) and any such job the GPU threads are too busy for; the same bytes either "
+            f"way. unset: {DEFAULT_GPU_WORKERS}",
         )
     p.add_argument(
         "--max-shard-gib",
