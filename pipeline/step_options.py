@@ -19,9 +19,10 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# Of a step's converter threads on a CUDA device, how many feed the GPU; the others convert on the CPU
-# at the same time (pipeline.checkpoint.producer.Converters). Chosen from bench/stepbench.py
-# --gpu-workers on a lent 16-core GPU machine (docs/benchmarks.md).
+# On a CUDA device, the threads feeding the GPU, beside the CPU converter threads
+# (pipeline.checkpoint.producer.Converters). From bench/stepbench.py --gpu-workers 2,4,16 on a lent
+# 16-core H100 machine, when these were a share of 16 threads: 2 and 4 alike, 16 the slowest
+# (docs/benchmarks.md); not yet measured again since they are threads of their own.
 DEFAULT_GPU_WORKERS = 4
 
 
