@@ -8,6 +8,7 @@ a reproduction of vLLM's loading; tests/mapping/test_mapping_vllm.py checks the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -453,3 +454,43 @@ def test_hf_ptq_mtp_experts_come_from_the_release_when_grafting(
     assert torch.equal(have, want)
     actions = {a for (_, _, a) in result.plan.counts()}
     assert M.TRANSCODE in actions and M.BF16_TO_NVFP4 not in actions
+
+
+def _recording_pool(real_pool, asked: list):
+    """producer_pool, with each job's ask for a GPU thread (``gpu=``) recorded beside its first argument."""
+
+    @contextlib.contextmanager
+    def pool_of(converters, name):
+        with real_pool(converters, name) as pool:
+
+            class Recording:
+                def submit(self, fn, *args, gpu=False):
+                    asked.append((args[0], gpu))
+                    return pool.submit(fn, *args, gpu=gpu)
+
+            yield Recording()
+
+    return pool_of
+
+
+def test_convert_asks_a_gpu_thread_for_exactly_the_jobs_that_compute(exports, tmp_path, monkeypatch):
+    """The routing (pipeline.checkpoint.producer.Converters): what each job asks of the pool, recorded
+    around the real CPU pool."""
+    import pipeline.convert.produce as produce
+    from pipeline.convert.runners import GPU_ACTIONS
+
+    asked: list = []
+    monkeypatch.setattr(produce, "producer_pool", _recording_pool(produce.producer_pool, asked))
+    convert_checkpoint(exports("full", "H", "separate"), tmp_path / "out", device="cpu", progress=False)
+    by_action = {(job.action, gpu) for job, gpu in asked}
+    assert {gpu for _, gpu in by_action} == {True, False}  # the full recipe has jobs of both kinds
+    assert all(gpu == (action in GPU_ACTIONS) for action, gpu in by_action), sorted(by_action)
+
+
+def test_dequant_asks_no_gpu_thread(tiny_release, tmp_path, monkeypatch):
+    import pipeline.dequant as D
+
+    asked: list = []
+    monkeypatch.setattr(D, "producer_pool", _recording_pool(D.producer_pool, asked))
+    D.dequantize_checkpoint(tiny_release, tmp_path / "out", device="cpu", progress=False)
+    assert asked and not any(gpu for _, gpu in asked)
