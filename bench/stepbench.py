@@ -440,8 +440,11 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
                     )
                 )
             shutil.rmtree(out)
-            for label in runs:
-                times = ", ".join(f"{r['res']['seconds']:.1f} s" for r in runs[label])
+            for label in runs:  # each run as it ends, so a run cut short still shows its ratios
+                times = ", ".join(
+                    f"{r['res']['seconds']:.1f} s (cp out {r['cp_out']:.1f} s: {r['cp_out'] / r['res']['seconds']:.2f}x)"
+                    for r in runs[label]
+                )
                 print(f"  {step} on {label}: {times}", flush=True)
     finally:
         if not args.keep:
