@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import DsV4Error, one_line
+from pipeline.quantize import REPORT_NAME as QUANTIZE_REPORT  # written beside amax.safetensors
 
 DSV4, NVIDIA = "dsv4", "nvidia"  # the two formats
 NVIDIA_FILE = re.compile(r"amax_dict_rank(?P<rank>\d+)-mp(?P<mp>\d+)\.pt")
-QUANTIZE_REPORT = "dsv4-quantize-report.json"  # written beside amax.safetensors by dsv4 quantize
 # dsv4 calibrate's header metadata: one JSON document under this key (its versions among it)
 CALIBRATE_METADATA_KEY = "dsv4_calibrate"
 

@@ -79,7 +79,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.quantize import QuantizeOptions, quantize_checkpoint, state_dir_for, validate_state
+    from pipeline.quantize import (
+        REPORT_NAME,
+        QuantizeOptions,
+        quantize_checkpoint,
+        state_dir_for,
+        validate_state,
+    )
     from pipeline.quantize_checks import check_destination, require_quant_env
 
     if args.validate_only:
@@ -112,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         f"quantize: {args.dst} ({report.recipe}): {report.quantizers['weight']} weight and "
         f"{report.quantizers['input']} input quantizers{fallbacks}{clamped}; patches reached: "
         + ", ".join(f"{p['name']} x{p['calls']}" for p in report.patches)
-        + f"; {report.seconds:.1f} s; report: {args.dst / 'dsv4-quantize-report.json'}"
+        + f"; {report.seconds:.1f} s; report: {args.dst / REPORT_NAME}"
     )
     return 0
 
