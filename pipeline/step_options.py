@@ -22,7 +22,8 @@ def available_cores() -> int:
 # On a CUDA device, the threads feeding the GPU, beside the CPU converter threads
 # (pipeline.checkpoint.producer.Converters). From bench/stepbench.py --gpu-workers 2,4,16 on a lent
 # 16-core H100 machine, when these were a share of 16 threads: 2 and 4 alike, 16 the slowest
-# (docs/benchmarks.md); not yet measured again since they are threads of their own.
+# (docs/benchmarks.md). As threads of their own, 4 was measured (convert --amax 14-24 % faster than
+# the CPU threads alone on that machine); other counts have not been measured since.
 DEFAULT_GPU_WORKERS = 4
 
 
