@@ -31,9 +31,9 @@ from pipeline.checkpoint.writer import output_lock
 from pipeline.console import begin_log, third_party_output
 from pipeline.device import resolve_device
 from pipeline.errors import DsV4Error
+from pipeline.quantize_checks import REPORT_NAME
 
 STEP = "dsv4 quantize"
-REPORT_NAME = "dsv4-quantize-report.json"
 STATE_SUFFIX = ".calibration"
 LOG_SUFFIX = ".log"
 AMAX_FILE, STATE_FILE = "amax.safetensors", "modelopt_state.pt"

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from pipeline.errors import DsV4Error
 
+# the report `dsv4 quantize` writes into its export and its calibrated state: how --export-only and
+# `convert --amax` (pipeline/amax/read.py) know a folder as one it wrote, and which ModelOpt calibrated it
+REPORT_NAME = "dsv4-quantize-report.json"
+
 # (module imported, package that provides it): what `dsv4 quantize` needs beyond the base install
 QUANT_PACKAGES: tuple[tuple[str, str], ...] = (
     ("modelopt", "nvidia-modelopt"),

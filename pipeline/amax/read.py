@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import DsV4Error, one_line
-from pipeline.quantize import REPORT_NAME as QUANTIZE_REPORT  # written beside amax.safetensors
+from pipeline.quantize_checks import REPORT_NAME as QUANTIZE_REPORT  # beside amax.safetensors
 
 DSV4, NVIDIA = "dsv4", "nvidia"  # the two formats
 NVIDIA_FILE = re.compile(r"amax_dict_rank(?P<rank>\d+)-mp(?P<mp>\d+)\.pt")

@@ -79,14 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.quantize import (
-        REPORT_NAME,
-        QuantizeOptions,
-        quantize_checkpoint,
-        state_dir_for,
-        validate_state,
-    )
-    from pipeline.quantize_checks import check_destination, require_quant_env
+    from pipeline.quantize import QuantizeOptions, quantize_checkpoint, state_dir_for, validate_state
+    from pipeline.quantize_checks import REPORT_NAME, check_destination, require_quant_env
 
     if args.validate_only:
         ok, summary = validate_state(state_dir_for(args.dst))
