@@ -313,6 +313,11 @@ def disk(path: Path) -> str:
     return " ".join(out.stdout.splitlines()[-1].split()) if out.returncode == 0 else "?"
 
 
+def vs_cp(run: dict, cp: str) -> float:
+    """One run's ratio: the seconds of its `cp` (``cp_in`` or ``cp_out``) over the step's seconds."""
+    return run[cp] / run["res"]["seconds"]
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
             shutil.rmtree(out)
             for label in runs:  # each run as it ends, so a run cut short still shows its ratios
                 times = ", ".join(
-                    f"{r['res']['seconds']:.1f} s (cp out {r['cp_out']:.1f} s: {r['cp_out'] / r['res']['seconds']:.2f}x)"
+                    f"{r['res']['seconds']:.1f} s (cp out {r['cp_out']:.1f} s: {vs_cp(r, 'cp_out'):.2f}x)"
                     for r in runs[label]
                 )
                 print(f"  {step} on {label}: {times}", flush=True)
@@ -465,7 +470,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
         res = r["runs"][0]["res"]  # read, written and peak RSS are the same in every run
         s = median([x["res"]["seconds"] for x in r["runs"]])
         cp_in, cp_out = (median([x[k] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
-        vs_in, vs_out = (median([x[k] / x["res"]["seconds"] for x in r["runs"]]) for k in ("cp_in", "cp_out"))
+        vs_in, vs_out = (median([vs_cp(x, k) for x in r["runs"]]) for k in ("cp_in", "cp_out"))
         print(
             f"{r['step']:<10} {r['label']:<9} {gb(res['read']):>6} {gb(res['written']):>6} {s:7.1f} {res['read'] / s / 1e9:9.3f} "
             f"{res['written'] / s / 1e9:8.3f} {cp_in:8.1f} {cp_out:8.1f} {vs_in:8.2f} "
@@ -475,7 +480,7 @@ def main(argv: list[str] | None = None, steps: tuple[str, ...] = STEPS, doc: str
     if max(len(r["runs"]) for r in rows) > 1:
         print("the spread over the runs (each run's vs cp out):")
         for r in rows:
-            ratios = sorted(x["cp_out"] / x["res"]["seconds"] for x in r["runs"])
+            ratios = sorted(vs_cp(x, "cp_out") for x in r["runs"])
             print(f"  {r['step']:<10} {r['label']:<9} " + " ".join(f"{v:.2f}" for v in ratios))
     inits = [x["res"]["init"] for r in rows for x in r["runs"] if r["device"] == "cuda"]
     if inits:

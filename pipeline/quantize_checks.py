@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pipeline.errors import DsV4Error
 
-# the report `dsv4 quantize` writes into its export and its calibrated state: how --export-only and
-# `convert --amax` (pipeline/amax/read.py) know a folder as one it wrote, and which ModelOpt calibrated it
+# the report `dsv4 quantize` writes into its export and its calibrated state: --export-only and
+# --overwrite know a folder it wrote by it, and pipeline/amax/read.py reads from it which ModelOpt
+# calibrated an amax snapshot
 REPORT_NAME = "dsv4-quantize-report.json"
 
 # (module imported, package that provides it): what `dsv4 quantize` needs beyond the base install
